@@ -1,0 +1,128 @@
+"""Rules that turn the auxiliary classifiers' metrics into CGGM's magnitude factors B (Eq. 6-7).
+
+Both rules take the batch metric epsilon of each modality's classifier (higher is better) as a
+``[M]`` tensor and return ``B`` as a ``[M]`` tensor on the same device, without host
+synchronisation.
+
+* :class:`PaperRule` is Eq. 6-7 exactly as written, on consecutive batch metrics with
+  epsilon^0 = 0::
+
+      delta_i = eps_i^t - eps_i^{t-1}
+      B_i     = rho * (sum_k delta_k - delta_i) / (sum_k delta_k + 1e-8)
+
+  The 1e-8 is the official code's guard. Because consecutive batches differ, sum_k delta_k is
+  often 0 or negative: B then blows up (|B| ~ 1e5) or turns negative, which flips the sign of an
+  encoder's gradient (cggm-spec.md A3).
+
+* :class:`RobustRule` (ours) keeps Eq. 7's shape but measures improvement on a smoothed metric
+  over a window, and guards the ratio::
+
+      m_i^t   = EMA_beta(eps_i)                            (bias-corrected)
+      delta_i = max(m_i^t - m_i^{t-K}, 0)                  (improvement over the last K steps)
+      B_i     = rho * (sum_k delta_k - delta_i + tau (M-1)/M) / (sum_k delta_k + tau)
+
+  Adding the pseudo-improvement tau/M to every modality makes the ratio continuous, with no
+  division by zero: when nothing improves (sum delta << tau) B tends to the uniform
+  rho (M-1)/M, and when improvements dominate tau it is Eq. 7. Bounds that always hold:
+  0 <= B_i <= rho and sum_i B_i = rho (M - 1), the same total as Eq. 7.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class ImprovementRule:
+    name = "base"
+
+    def __init__(self, rho: float):
+        if not rho > 0:
+            raise ValueError(f"rho must be > 0, got {rho}.")
+        self.rho = float(rho)
+
+    def __call__(self, eps: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class PaperRule(ImprovementRule):
+    """Eq. 7 on raw consecutive batch metrics, epsilon^0 = 0 (Algorithm 1)."""
+
+    name = "paper"
+
+    def __init__(self, rho: float, denominator_eps: float = 1e-8):
+        super().__init__(rho)
+        self.denominator_eps = float(denominator_eps)
+        self.previous: Tensor | None = None
+
+    def __call__(self, eps: Tensor) -> Tensor:
+        eps = eps.detach().float()
+        prev = torch.zeros_like(eps) if self.previous is None else self.previous.to(eps.device)
+        delta = eps - prev
+        self.previous = eps.clone()
+        total = delta.sum()
+        return self.rho * (total - delta) / (total + self.denominator_eps)
+
+    def state_dict(self):
+        return {"previous": self.previous}
+
+    def load_state_dict(self, state):
+        self.previous = state.get("previous")
+
+
+class RobustRule(ImprovementRule):
+    """Smoothed, windowed, guarded Eq. 7. See the module docstring for the equations and bounds."""
+
+    name = "robust"
+
+    def __init__(self, rho: float, beta: float = 0.9, window: int = 20, tau: float = 0.01):
+        super().__init__(rho)
+        if not 0 <= beta < 1:
+            raise ValueError(f"beta must be in [0, 1), got {beta}.")
+        if int(window) < 1:
+            raise ValueError(f"window must be >= 1 step, got {window}.")
+        if not tau > 0:
+            raise ValueError(f"tau must be > 0, got {tau}.")
+        self.beta, self.window, self.tau = float(beta), int(window), float(tau)
+        self.ema: Tensor | None = None  # [M] biased EMA
+        self.history: Tensor | None = None  # [K, M] smoothed metric of the last K steps
+        self.steps = 0
+
+    def __call__(self, eps: Tensor) -> Tensor:
+        eps = eps.detach().float()
+        if self.ema is None:
+            self.ema = torch.zeros_like(eps)
+        self.steps += 1
+        self.ema = self.beta * self.ema.to(eps.device) + (1 - self.beta) * eps
+        smoothed = self.ema / (1 - self.beta ** self.steps)
+        if self.history is None:
+            self.history = smoothed.unsqueeze(0).repeat(self.window, 1)
+        slot = self.steps % self.window
+        delta = (smoothed - self.history[slot]).clamp_min(0)  # improvement over the window
+        self.history[slot] = smoothed
+        total = delta.sum()
+        m = eps.numel()
+        return self.rho * (total - delta + self.tau * (m - 1) / m) / (total + self.tau)
+
+    def state_dict(self):
+        return {"ema": self.ema, "history": self.history, "steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.ema, self.history, self.steps = state.get("ema"), state.get("history"), int(state.get("steps", 0))
+
+
+RULES = {"paper": PaperRule, "robust": RobustRule}
+
+
+def build_rule(name: str, rho: float, **kwargs: Any) -> ImprovementRule:
+    if name not in RULES:
+        raise ValueError(f"Unknown improvement rule {name!r}; choose one of {sorted(RULES)}.")
+    return RULES[name](rho, **kwargs)

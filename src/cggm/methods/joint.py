@@ -1,0 +1,8 @@
+"""Joint training: the task loss on the fused prediction, no balancing (the paper's Baseline)."""
+
+from __future__ import annotations
+
+from .base import Method
+from .registry import register_method
+
+register_method("joint", Method)

@@ -1,0 +1,89 @@
+"""Auxiliary per-modality classifiers f_i (Eq. 5 of the CGGM paper).
+
+They see detached features, are trained by their own optimizer, and are dropped at inference.
+Each one ends in a layer ``last`` whose weight has the same shape as the fused head's last layer,
+so Eq. 12 can compare the two gradients (or, in the official variant, the two weights).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .blocks import pool
+
+
+class VectorClassifier(nn.Module):
+    """``[B, D] -> [B, C]``: Linear, ReLU, then ``last`` = Linear(hidden, C)."""
+
+    def __init__(self, in_dim: int, hidden: int, num_outputs: int, dropout: float = 0.0):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.last = nn.Linear(hidden, num_outputs)
+
+    def forward(self, h: Tensor, mask: Tensor | None = None, size=None) -> Tensor:
+        return self.last(self.body(pool(h, mask)))
+
+
+class SequenceClassifier(nn.Module):
+    """``[B, T, D] -> [B, C]``: 1-2 self-attention layers (as in the paper), masked mean pooling,
+    Linear + ReLU, then ``last`` = Linear(hidden, C)."""
+
+    def __init__(self, in_dim: int, hidden: int, num_outputs: int, layers: int = 1, heads: int | None = None,
+                 dropout: float = 0.0):
+        super().__init__()
+        heads = heads or _pick_heads(in_dim)
+        layer = nn.TransformerEncoderLayer(
+            in_dim, heads, dim_feedforward=2 * in_dim, dropout=dropout, batch_first=True, norm_first=True
+        )
+        self.attention = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.body = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU())
+        self.last = nn.Linear(hidden, num_outputs)
+
+    def forward(self, h: Tensor, mask: Tensor | None = None, size=None) -> Tensor:
+        pad = None if mask is None else ~mask.bool()
+        z = self.attention(h, src_key_padding_mask=pad)
+        return self.last(self.body(pool(z, mask)))
+
+
+class MapClassifier(nn.Module):
+    """Light decoder for segmentation: ``[B, D, h, w] -> [B, C, H, W]``.
+
+    3x3 conv, batch norm, ReLU, then ``last`` = 1x1 conv(hidden, C); bilinear upsampling to the
+    target size.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, num_outputs: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(in_dim, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU())
+        self.last = nn.Conv2d(hidden, num_outputs, 1)
+
+    def forward(self, h: Tensor, mask: Tensor | None = None, size: tuple[int, int] | None = None) -> Tensor:
+        out = self.last(self.body(h))
+        if size is not None and tuple(out.shape[-2:]) != tuple(size):
+            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+        return out
+
+
+def _pick_heads(dim: int) -> int:
+    for h in (8, 5, 4, 2):
+        if dim % h == 0:
+            return h
+    return 1
+
+
+def build_classifier(feature: Tensor, hidden: int, num_outputs: int, sequence_layers: int = 1) -> nn.Module:
+    """The default classifier for a feature tensor of this shape, on the feature's device."""
+    if feature.ndim == 2:
+        clf: nn.Module = VectorClassifier(feature.shape[1], hidden, num_outputs)
+    elif feature.ndim == 3:
+        clf = SequenceClassifier(feature.shape[2], hidden, num_outputs, layers=sequence_layers)
+    elif feature.ndim == 4:
+        clf = MapClassifier(feature.shape[1], hidden, num_outputs)
+    else:
+        raise ValueError(
+            f"No default classifier for features of shape {tuple(feature.shape)}; expected [B, D], [B, T, D] "
+            f"or [B, C, H, W]. Pass classifiers=... to use your own."
+        )
+    return clf.to(device=feature.device, dtype=feature.dtype if feature.is_floating_point() else torch.float32)

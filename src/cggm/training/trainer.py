@@ -1,0 +1,399 @@
+"""The training engine: one loop for every method, short enough to read top to bottom.
+
+* train / validation / test: the checkpoint and the learning-rate schedule are chosen on
+  validation only; test is evaluated once, on the selected checkpoint.
+* per-step records of each method (B, L_gm, cosines, ...), copied to the host once per epoch;
+  per-epoch validation metrics, including each method's own (e.g. the auxiliary classifiers').
+* checkpoints every ``checkpoint_every`` steps and at each epoch end, written atomically, with
+  everything needed for an exact resume (model, optimizer, scheduler, method state, RNG, data
+  position).
+* a non-finite loss or gradient stops the run with a message naming the step (or, with
+  ``on_nonfinite="skip"``, skips and counts the step).
+* DDP: if ``torch.distributed`` is initialised, the model is wrapped in DistributedDataParallel,
+  each rank trains on its shard, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import distributed
+from ..data.base import BatchIterator, DataSplits
+from ..methods.base import EpochContext, Method
+from ..metrics.tracker import MetricTracker, selection_metric
+from ..types import ModelOutput, Task
+from .checkpoint import load_checkpoint, save_checkpoint
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or inf loss or gradient."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything the engine needs besides the model, the method and the data."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    scheduler: Literal["none", "plateau", "cosine"] = "none"
+    plateau_patience: int = 10
+    plateau_factor: float = 0.1
+    warmup_epochs: int = 0
+    warmup_start_lr: float | None = None
+    min_lr: float = 0.0
+    clip_grad_norm: float | None = None
+    seed: int = 0
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = only at epoch ends
+    select_metric: str | None = None  # default: accuracy / mae / dice_mean by task
+    select_mode: Literal["max", "min"] | None = None
+    progress: bool = True
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.optimizer in ("adam", "adamw", "sgd"), f"optimizer must be adam, adamw or sgd, got {self.optimizer!r}"),
+            (self.scheduler in ("none", "plateau", "cosine"),
+             f"scheduler must be none, plateau or cosine, got {self.scheduler!r}"),
+            (self.on_nonfinite in ("stop", "skip"), f"on_nonfinite must be stop or skip, got {self.on_nonfinite!r}"),
+            (self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm must be > 0 or None"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"Invalid training config: {msg}.")
+
+
+@dataclass
+class RunResult:
+    best_epoch: int
+    val: dict[str, float]
+    test: dict[str, float]
+    history: list[dict[str, Any]]
+    records: dict[str, list[float]]
+    skipped_steps: int = 0
+    seconds: float = 0.0
+    seconds_per_epoch: float = 0.0
+    output_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _to(batch, device):
+    inputs, masks, target = batch
+    return ({k: v.to(device, non_blocking=True) for k, v in inputs.items()},
+            {k: v.to(device, non_blocking=True) for k, v in masks.items()}, target.to(device, non_blocking=True))
+
+
+class Trainer:
+    """Train ``model`` with ``method`` on ``data``; see the module docstring.
+
+    The model stays on the device it is on (move it before); batches follow it.
+    ``output_dir`` receives ``last.pt``, ``best.pt``, ``history.json`` and ``records.json``
+    (rank 0 only); with ``resume=True`` an existing ``last.pt`` there is resumed.
+    """
+
+    def __init__(self, model: nn.Module, method: Method, data: DataSplits, config: TrainConfig | None = None,
+                 output_dir: str | Path | None = None, resume: bool = True, fingerprint: dict[str, Any] | None = None):
+        self.config = config or TrainConfig()
+        self.data, self.task = data, data.task
+        self.model = model
+        self.device = _device_of(model)
+        self.method = method.bind(model, data.task, data.modalities)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.resume = resume
+        self.fingerprint = {"method": method.name, "modalities": list(data.modalities), "dataset": data.name,
+                            **(fingerprint or {})}
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.train_model: nn.Module = model
+        if distributed.is_distributed():
+            self.train_model = nn.parallel.DistributedDataParallel(
+                model, find_unused_parameters=bool(getattr(method, "ddp_find_unused_parameters", False)))
+        self.optimizer = self._make_optimizer()
+        self.scheduler = None
+        self.select_name, self.select_mode = selection_metric(self.task)
+        if self.config.select_metric:
+            self.select_name = self.config.select_metric
+            self.select_mode = self.config.select_mode or "max"
+        self.skipped_steps = 0
+
+    # -- construction ---------------------------------------------------------------------------
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        groups = self.method.param_groups(self.model)
+        for g in groups:
+            g["lr"] = c.lr * float(g.pop("lr_scale", 1.0))
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        if c.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
+        return torch.optim.Adam(groups, lr=c.lr, weight_decay=c.weight_decay)
+
+    def _make_scheduler(self, steps_per_epoch: int):
+        c = self.config
+        if c.scheduler == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="min", factor=c.plateau_factor,
+                                                              patience=c.plateau_patience)
+        if c.scheduler == "cosine":
+            total = c.epochs * steps_per_epoch
+            warm = c.warmup_epochs * steps_per_epoch
+            start = (c.warmup_start_lr if c.warmup_start_lr is not None else c.lr) / c.lr
+            floor = c.min_lr / c.lr
+
+            def factor(step: int) -> float:
+                if step < warm:
+                    return start + (1 - start) * step / max(warm, 1)
+                progress = (step - warm) / max(total - warm, 1)
+                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+            return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        return None
+
+    # -- data -----------------------------------------------------------------------------------
+    def _batches(self, split: str, epoch: int = 0, skip: int = 0, shard: bool = False) -> Iterator:
+        dataset = getattr(self.data, split)
+        train = split == "train"
+        bs = self.config.batch_size if train else self.config.eval_batch_size
+        it = BatchIterator(dataset, bs, shuffle=train, seed=self.config.seed, epoch=epoch,
+                           rank=self.rank if shard else 0, world_size=self.world if shard else 1, skip=skip)
+        for batch in it:
+            yield _to(batch, self.device)
+
+    def _epoch_context(self, epoch: int, metrics: dict[str, float] | None = None) -> EpochContext:
+        return EpochContext(epoch=epoch, epochs=self.config.epochs, model=self.model, task=self.task,
+                            batches=lambda split: self._batches(split), forward=self.train_model,
+                            metrics=metrics or {})
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Metrics of the current model on a whole split (every rank evaluates all of it)."""
+        self.model.eval()
+        tracker = MetricTracker(self.task)
+        self.method.eval_begin()
+        for inputs, masks, target in self._batches(split):
+            inputs, masks = self.method.prepare_eval(inputs, masks)
+            out: ModelOutput = self.model(inputs, masks)
+            pred = self.method.eval_prediction(out)
+            tracker.update(pred, target, self.task.loss(pred, target))
+            self.method.eval_step(out, target)
+        metrics = tracker.compute()
+        metrics.update(self.method.eval_end())
+        return metrics
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _state(self, epoch: int, batch: int, extra: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint, "config": asdict(self.config), "epoch": epoch, "batch": batch,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "method": self.method.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "skipped_steps": self.skipped_steps, **extra,
+        }
+
+    def _save(self, name: str, state: dict[str, Any]) -> None:
+        if self.output_dir is not None and distributed.is_main_process():
+            save_checkpoint(state, self.output_dir / name)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_state_dict(state["method"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> RunResult:
+        c = self.config
+        if c.deterministic:
+            torch.use_deterministic_algorithms(True)
+        seed_everything(c.seed)
+        steps_per_epoch = len(BatchIterator(self.data.train, c.batch_size, True, world_size=self.world))
+        if steps_per_epoch == 0:
+            raise ValueError("The training split yields no batch.")
+        self.scheduler = self._make_scheduler(steps_per_epoch)
+        per_step = isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR)
+        best = {"metric": None, "epoch": -1, "val": {}}
+        history: list[dict[str, Any]] = []
+        records: dict[str, list[float]] = {}
+        start_epoch, skip = 0, 0
+        partial = {"loss_sum": 0.0, "steps": 0, "seconds": 0.0}
+        best_weights = None
+        last = self.output_dir / "last.pt" if self.output_dir is not None else None
+        if self.resume and last is not None and last.exists():
+            state = load_checkpoint(last, expect=self.fingerprint)
+            self._restore(state)
+            start_epoch, skip = state["epoch"], state["batch"]
+            best, history, records = state["best"], state["history"], state["records"]
+            partial = state.get("partial", partial)
+            self._log(f"resumed from {last} at epoch {start_epoch}, batch {skip}")
+        t_start = time.perf_counter()
+        for epoch in range(start_epoch, c.epochs):
+            self.method.on_epoch_start(self._epoch_context(epoch))
+            self.model.train()
+            t_epoch = time.perf_counter()
+            epoch_records: dict[str, list[torch.Tensor]] = {}
+            loss_sum = torch.zeros((), device=self.device) + partial["loss_sum"]
+            steps = partial["steps"]
+            batch_index = skip
+            for batch_index, batch in enumerate(self._batches("train", epoch, skip, shard=True), start=skip):
+                loss = self._train_step(*batch, epoch=epoch, batch_index=batch_index, last=last)
+                if loss is not None:
+                    loss_sum += loss.detach()
+                    steps += 1
+                for k, v in self.method.records().items():
+                    epoch_records.setdefault(k, []).append(v)
+                if per_step:
+                    self.scheduler.step()
+                if c.checkpoint_every and (batch_index + 1) % c.checkpoint_every == 0 \
+                        and batch_index + 1 < steps_per_epoch:
+                    self._flush(records, epoch_records)
+                    partial = {"loss_sum": float(loss_sum), "steps": steps,
+                               "seconds": partial["seconds"] + time.perf_counter() - t_epoch}
+                    t_epoch = time.perf_counter()
+                    self._save("last.pt", self._state(epoch, batch_index + 1, {
+                        "best": best, "history": history, "records": records, "partial": partial}))
+                self._progress(epoch, batch_index + 1, steps_per_epoch, loss)
+            skip = 0
+            self._flush(records, epoch_records)
+            seconds = partial["seconds"] + time.perf_counter() - t_epoch
+            val = self.evaluate("val")
+            self.method.on_epoch_end(self._epoch_context(epoch, val))
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step(val["loss"])
+            row = {"epoch": epoch, "train_loss": float(loss_sum) / max(steps, 1), "seconds": seconds,
+                   "lr": self.optimizer.param_groups[0]["lr"], **{f"val/{k}": v for k, v in val.items()}}
+            history.append(row)
+            score = val.get(self.select_name)
+            if score is None:
+                raise KeyError(f"Selection metric {self.select_name!r} is not among the validation metrics "
+                               f"{sorted(val)}.")
+            if best["metric"] is None or (score > best["metric"] if self.select_mode == "max" else score < best["metric"]):
+                best = {"metric": score, "epoch": epoch, "val": val}
+                best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                self._save("best.pt", {"fingerprint": self.fingerprint, "epoch": epoch, "model": best_weights,
+                                       "val": val, "method": self.method.state_dict()})
+            partial = {"loss_sum": 0.0, "steps": 0, "seconds": 0.0}
+            self._save("last.pt", self._state(epoch + 1, 0, {"best": best, "history": history, "records": records,
+                                                              "partial": partial}))
+            self._log(self._summary(row))
+        # test once, on the checkpoint selected on validation
+        if best_weights is None and self.output_dir is not None and (self.output_dir / "best.pt").exists():
+            best_weights = load_checkpoint(self.output_dir / "best.pt")["model"]
+        final_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if best_weights is not None:
+            self.model.load_state_dict(best_weights)
+        test = self.evaluate("test")
+        seconds = time.perf_counter() - t_start
+        result = RunResult(best_epoch=best["epoch"], val=best["val"], test=test, history=history, records=records,
+                           skipped_steps=self.skipped_steps, seconds=seconds,
+                           seconds_per_epoch=float(np.mean([h["seconds"] for h in history])) if history else 0.0,
+                           output_dir=None if self.output_dir is None else str(self.output_dir),
+                           extra={"final_weights": final_weights})
+        if self.output_dir is not None and distributed.is_main_process():
+            (self.output_dir / "result.json").write_text(json.dumps(
+                {k: v for k, v in result.to_json().items() if k != "extra"}, indent=1, default=float))
+        return result
+
+    def _train_step(self, inputs, masks, target, epoch: int, batch_index: int, last) -> torch.Tensor | None:
+        c = self.config
+        inputs, masks = self.method.prepare(inputs, masks)
+        out: ModelOutput = self.train_model(inputs, masks)
+        task_loss = self.task.loss(out.prediction, target)
+        loss = self.method.loss(out, target, task_loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.method.backward(loss)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if c.clip_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss.new_zeros(())
+        loss = loss.detach()
+        finite = bool(torch.isfinite(loss) & torch.isfinite(norm))  # the one host sync of a step
+        if not finite:
+            where = (f"step {self.method.global_step} (epoch {epoch}, batch {batch_index}): loss={float(loss):.4g}, "
+                     f"gradient norm={float(norm):.4g}")
+            if c.on_nonfinite == "skip":
+                self.skipped_steps += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                self.method.global_step += 1
+                self._log(f"skipped non-finite {where} (skipped so far: {self.skipped_steps})")
+                return None
+            kept = f" The last good checkpoint is kept at {last}." if last is not None and last.exists() else ""
+            raise NonFiniteError(f"Training diverged at {where}.{kept} Lower the learning rate, enable "
+                                 f"clip_grad_norm, or set on_nonfinite='skip'.")
+        self.method.step(self.optimizer)
+        return loss
+
+    @staticmethod
+    def _flush(records: dict[str, list[float]], epoch_records: dict[str, list[torch.Tensor]]) -> None:
+        for k, vals in epoch_records.items():
+            records.setdefault(k, []).extend(torch.stack(vals).float().cpu().tolist())
+        epoch_records.clear()
+
+    # -- output ---------------------------------------------------------------------------------
+    def _log(self, msg: str) -> None:
+        if self.config.progress and distributed.is_main_process():
+            print(msg, file=sys.stderr, flush=True)
+
+    def _progress(self, epoch: int, done: int, total: int, loss) -> None:
+        if not (self.config.progress and distributed.is_main_process() and sys.stderr.isatty()):
+            return
+        width = 24
+        filled = int(width * done / total)
+        loss_txt = "" if loss is None else f" loss {float(loss):.4f}"
+        print(f"\repoch {epoch + 1}/{self.config.epochs} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+              f"{loss_txt}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    def _summary(self, row: dict[str, Any]) -> str:
+        parts = [f"epoch {row['epoch'] + 1}/{self.config.epochs}", f"train_loss {row['train_loss']:.4f}"]
+        parts += [f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val/") and isinstance(v, float)]
+        return " | ".join(parts)
+
+
+def train(model: nn.Module, method: Method, data: DataSplits, config: TrainConfig | None = None,
+          output_dir: str | Path | None = None, **kwargs: Any) -> RunResult:
+    """Convenience wrapper: ``Trainer(...).fit()``."""
+    return Trainer(model, method, data, config, output_dir, **kwargs).fit()
