@@ -71,7 +71,9 @@ class CGGM(Method):
         magnitude: apply B to the encoders (Eq. 8).
         direction: ``"gradient"`` (paper, default), ``"weight"`` (official code) or ``"off"``.
         rule: ``"robust"`` (default, ours) or ``"paper"`` (raw Eq. 7).
-        scale_on: ``"gradient"`` (Eq. 8) or ``"update"`` (for adaptive optimizers).
+        scale_on: ``"update"`` (default) or ``"gradient"`` (Eq. 8 literally).
+        modality_parameters: each modality's encoder parameters, in modality order, for
+            ``scale_on="update"`` when the model does not declare ``modality_parameters()``.
         rule_options: keyword options of the rule (``beta``, ``window``, ``tau`` for robust).
         classifier_lr, classifier_optimizer, classifier_weight_decay, classifier_momentum: the
             classifiers' own optimizer (``adam``, ``adamw`` or ``sgd``).
@@ -91,7 +93,7 @@ class CGGM(Method):
         magnitude: bool = True,
         direction: Direction = "gradient",
         rule: str = "robust",
-        scale_on: ScaleOn = "gradient",
+        scale_on: ScaleOn = "update",
         rule_options: Mapping[str, Any] | None = None,
         classifier_lr: float = 5e-4,
         classifier_optimizer: str = "adam",
@@ -100,6 +102,7 @@ class CGGM(Method):
         classifier_layers: int = 1,
         classifiers: Sequence[nn.Module] | None = None,
         head_layer: nn.Module | None = None,
+        modality_parameters: Sequence[Any] | None = None,
     ) -> None:
         super().__init__()
         if not rho > 0:
@@ -124,6 +127,9 @@ class CGGM(Method):
         self.classifiers: nn.ModuleList | None = nn.ModuleList(classifiers) if classifiers is not None else None
         self.classifier_opt: torch.optim.Optimizer | None = None
         self._head_layer = head_layer
+        self._modality_params = None if modality_parameters is None else [list(ps) for ps in modality_parameters]
+        self._last_clf_grads: list[Tensor] = []
+        self._stale_used: tuple[Tensor, list[Tensor], Tensor] | None = None
         self._pending_state: Mapping[str, Any] | None = None
         self._B: Tensor | None = None
         self._stale: tuple[Tensor, list[Tensor], Tensor] | None = None  # weight mode: W_F, W_i, b of step t-1
@@ -138,11 +144,19 @@ class CGGM(Method):
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self) -> None:
-        if self.scale_on == "update" and self.magnitude and not hasattr(self.model, "modality_parameters"):
-            raise TypeError(
-                "CGGM(scale_on='update') scales each encoder's update, so the model must declare "
-                "modality_parameters(); use scale_on='gradient' for other models."
-            )
+        if self.scale_on == "update" and self.magnitude:
+            if self._modality_params is None:
+                if not hasattr(self.model, "modality_parameters"):
+                    raise TypeError(
+                        "CGGM(scale_on='update') scales each encoder's update, so it needs each modality's "
+                        "encoder parameters: pass modality_parameters=[enc_1.parameters(), ...] (in modality "
+                        "order), use a cggm MultimodalModel, or choose scale_on='gradient'."
+                    )
+                declared = self.model.modality_parameters()
+                self._modality_params = [list(declared[m]) for m in self.modalities]
+            if len(self._modality_params) != len(self.modalities):
+                raise ValueError(f"CGGM got parameters for {len(self._modality_params)} modalities, "
+                                 f"expected {len(self.modalities)}.")
         if self.classifiers is not None:
             if len(self.classifiers) != len(self.modalities):
                 raise ValueError(f"CGGM got {len(self.classifiers)} classifiers for {len(self.modalities)} modalities.")
@@ -211,6 +225,7 @@ class CGGM(Method):
         if self.direction == "weight" and self.classifiers is not None:
             weights_before = [clf.last.weight.detach().clone() for clf in self.classifiers]
         eps, clf_grads = self._classify(out, target)
+        self._last_clf_grads = clf_grads
         B = self.rule(eps)  # [M], Eq. 7 (or the robust rule)
         self._B = B
         for i, m in enumerate(self.modalities):
@@ -238,7 +253,7 @@ class CGGM(Method):
         W_F = self.head_layer.weight
         loss = task_loss
         if self._stale is not None and self.lam > 0:
-            stale_head, stale_clf, b = self._stale
+            stale_head, stale_clf, b = self._stale_used = self._stale
             # value of the stale weights, gradient flowing to the live parameter W_F
             head = W_F + (stale_head - W_F.detach())
             cos = torch.stack([F.cosine_similarity(head.flatten(), w.flatten(), dim=0) for w in stale_clf])
@@ -259,8 +274,7 @@ class CGGM(Method):
         if not (self.magnitude and self.scale_on == "update") or self._B is None:
             optimizer.step()
             return
-        groups = [self.model.modality_parameters()[m] for m in self.modalities]
-        groups = [[p for p in ps if p.requires_grad] for ps in groups]
+        groups = [[p for p in ps if p.requires_grad] for ps in self._modality_params]
         before = [torch._foreach_mul(ps, 1.0) if ps else [] for ps in groups]  # copies
         optimizer.step()
         for i, (ps, old) in enumerate(zip(groups, before)):

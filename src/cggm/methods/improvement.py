@@ -83,7 +83,7 @@ class RobustRule(ImprovementRule):
 
     name = "robust"
 
-    def __init__(self, rho: float, beta: float = 0.9, window: int = 20, tau: float = 0.01):
+    def __init__(self, rho: float, beta: float = 0.9, window: int = 20, tau: float = 0.002):
         super().__init__(rho)
         if not 0 <= beta < 1:
             raise ValueError(f"beta must be in [0, 1), got {beta}.")

@@ -200,8 +200,15 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
-        """Metrics of the current model on a whole split (every rank evaluates all of it)."""
+        """Metrics of the current model on a whole split (every rank evaluates all of it).
+
+        A split dataset with its own ``evaluate(model, method, device, batch_size)`` (e.g. BraTS,
+        which scores whole volumes) is evaluated by that protocol instead.
+        """
         self.model.eval()
+        dataset = getattr(self.data, split)
+        if hasattr(dataset, "evaluate"):
+            return dataset.evaluate(self.model, self.method, self.device, self.config.eval_batch_size)
         tracker = MetricTracker(self.task)
         self.method.eval_begin()
         for inputs, masks, target in self._batches(split):

@@ -1,0 +1,181 @@
+"""The ``cggm`` command line: ``train``, ``bench``, ``demo``, ``methods``, ``datasets``, ``presets``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _common_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="a built-in preset name (see `cggm presets`)")
+    p.add_argument("--config", help="a YAML config file (applied after the preset)")
+    p.add_argument("--data-path", help="where the dataset lives (sets dataset.options.path)")
+    p.add_argument("--dataset", help="dataset name (sets dataset.name)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 --set method.options.rho=1.2")
+    p.add_argument("--device", default=None, help="torch device for the model, e.g. cpu or cuda:0 "
+                                                    "(default: cuda:LOCAL_RANK if available, else cpu)")
+
+
+def _config(args, extra: list[str] | None = None):
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if args.dataset:
+        overrides.insert(0, f"dataset.name={args.dataset}")
+    if args.data_path:
+        overrides.append(f"dataset.options.path={json.dumps(str(args.data_path))}")
+    overrides += extra or []
+    return load_config(args.config, args.preset, overrides)
+
+
+def _device(arg: str | None) -> str:
+    import os
+
+    import torch
+
+    if arg:
+        return arg
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def cmd_train(args) -> int:
+    from . import distributed
+    from .runner import run_config
+
+    extra = [f"method.name={args.method}"] if args.method else []
+    cfg = _config(args, extra)
+    initialised = _maybe_init_distributed()
+    try:
+        out = Path(args.output) if args.output else None
+        if out is not None and distributed.is_main_process():
+            out.mkdir(parents=True, exist_ok=True)
+            from ._optional import require
+
+            (out / "config.yaml").write_text(require("yaml", "cli").safe_dump(cfg, sort_keys=False))
+        result, _ = run_config(cfg, output_dir=out, device=_device(args.device), resume=not args.no_resume,
+                               progress=not args.quiet)
+        if distributed.is_main_process():
+            print(f"best epoch (validation): {result.best_epoch + 1}")
+            print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.val.items()))
+            print("test (once, on the selected checkpoint): " + ", ".join(f"{k} {v:.4f}" for k, v in result.test.items()))
+            if result.skipped_steps:
+                print(f"skipped non-finite steps: {result.skipped_steps}")
+    finally:
+        if initialised:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
+
+
+def _maybe_init_distributed() -> bool:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    return True
+
+
+def cmd_bench(args) -> int:
+    from .runner import bench, expand_methods, format_table
+
+    cfg = _config(args)
+    methods = expand_methods(args.methods)
+    seeds = list(range(args.seeds))
+    print(f"bench: {len(methods)} methods x {len(seeds)} seeds on {cfg['dataset']['name']}", flush=True)
+    report = bench(cfg, methods, seeds, output=args.output, progress=False)
+    print()
+    print(format_table(report))
+    if args.output:
+        print(f"\nwrote {args.output}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, seeds=args.seeds, epochs=args.epochs)
+    return 0
+
+
+def cmd_list(what: str) -> int:
+    if what == "methods":
+        from .methods import list_methods
+
+        print("\n".join(list_methods()))
+    elif what == "datasets":
+        from .data import list_datasets
+
+        print("\n".join(list_datasets()))
+    else:
+        from .config import list_presets
+
+        print("\n".join(list_presets()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cggm", description="Balanced multimodal learning: CGGM and peers.")
+    parser.add_argument("--version", action="version", version=f"cggm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train and test one configured run")
+    _common_config_args(p)
+    p.add_argument("--method", help="method name (sets method.name; see `cggm methods`)")
+    p.add_argument("--output", help="output directory (checkpoints, history, result.json)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT/last.pt exists")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("bench", help="methods x seeds on one dataset: a mean +- std table and a JSON file")
+    _common_config_args(p)
+    p.add_argument("--methods", default="joint,cggm", help="comma-separated method names, or 'all'")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    p.add_argument("--output", default=None, help="JSON file with every run's metrics")
+    p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("demo", help="joint training vs CGGM on the built-in synthetic data")
+    p.add_argument("--output", default="demo_output", help="folder for demo.png and demo.json")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=20)
+    p.set_defaults(fn=cmd_demo)
+
+    for what in ("methods", "datasets", "presets"):
+        p = sub.add_parser(what, help=f"list the registered {what}")
+        p.set_defaults(fn=lambda args, w=what: cmd_list(w))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .data.base import DataError
+    from .methods.base import UnsupportedSettingError
+    from .training.checkpoint import CheckpointError
+    from .training.trainer import NonFiniteError
+    from ._optional import MissingDependencyError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except (ConfigError, DataError, UnsupportedSettingError, CheckpointError, NonFiniteError,
+            MissingDependencyError, FileNotFoundError, KeyError, ValueError, TypeError) as err:
+        print(f"cggm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Shared helpers of the paper-dataset loaders: file checks, a numpy-only unpickler, array checks."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from ..base import DataError
+
+
+def existing_file(path: str | Path, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"{p}: {what} not found (the file does not exist).")
+    return p
+
+
+def existing_dir(path: str | Path, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise DataError(f"{p}: {what} not found (the folder does not exist).")
+    return p
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only; anything else (arbitrary classes or
+    functions, which a malicious pickle would need to run code) is refused."""
+
+    _ALLOWED = {
+        ("collections", "OrderedDict"), ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"),
+        ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"), ("builtins", "slice"),
+        ("_codecs", "encode"),
+    }
+    _NUMPY_NAMES = {"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer", "frombuffer"}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED or (module.split(".")[0] == "numpy" and name in self._NUMPY_NAMES):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only containers and numpy arrays are allowed)")
+
+
+def load_pickle(path: Path):
+    """Load a pickle of dicts and numpy arrays (MulT / MultiBench feature files)."""
+    try:
+        with open(path, "rb") as f:
+            try:
+                return _NumpyUnpickler(f).load()
+            except UnicodeDecodeError:  # pickles written by Python 2
+                f.seek(0)
+                return _NumpyUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as err:
+        raise DataError(f"{path}: cannot read the pickle: {err}") from err
+
+
+def check_finite(x: np.ndarray, where: str) -> None:
+    """DataError naming ``where`` if ``x`` has NaN or inf values."""
+    if np.issubdtype(x.dtype, np.floating):
+        bad = ~np.isfinite(x)
+        if bad.any():
+            first = np.argwhere(bad)[0].tolist()
+            n_nan, n_inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+            raise DataError(f"{where}: {n_nan} NaN and {n_inf} inf values (first at index {first}).")
+
+
+def as_float_array(x, where: str, ndim: int | None = None) -> np.ndarray:
+    try:
+        arr = np.asarray(x)
+    except Exception as err:  # pragma: no cover - exotic objects
+        raise DataError(f"{where}: not an array: {err}") from err
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise DataError(f"{where}: expected a numeric array, got dtype {arr.dtype}.")
+    if ndim is not None and arr.ndim != ndim:
+        raise DataError(f"{where}: expected a {ndim}-d array, got shape {arr.shape}.")
+    return arr.astype(np.float32, copy=False)

@@ -1,0 +1,115 @@
+"""Build a run (data, model, method, engine) from a config dict, and run methods x seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ConfigError, train_config
+from .data.registry import load_dataset
+from .methods.registry import build_method, list_methods
+from .models.factory import build_model
+from .training.trainer import RunResult, Trainer, seed_everything
+
+
+def load_data(cfg: dict[str, Any]):
+    return load_dataset(cfg["dataset"]["name"], **cfg["dataset"].get("options", {}))
+
+
+def run_config(cfg: dict[str, Any], data=None, output_dir: str | Path | None = None, device: str | None = None,
+               resume: bool = True, progress: bool = True) -> tuple[RunResult, torch.nn.Module]:
+    """Train and test one configured run; returns the result and the trained model."""
+    tc = replace(train_config(cfg), progress=progress and train_config(cfg).progress)
+    data = data if data is not None else load_data(cfg)
+    seed_everything(tc.seed)  # the model's initial weights depend on the seed
+    model = build_model(cfg["model"]["arch"], data.input_shapes, data.task, **cfg["model"].get("options", {}))
+    if device is not None:
+        model = model.to(device)
+    method = build_method(cfg["method"]["name"], **cfg["method"].get("options", {}))
+    trainer = Trainer(model, method, data, tc, output_dir=output_dir, resume=resume,
+                      fingerprint={"arch": cfg["model"]["arch"]})
+    return trainer.fit(), model
+
+
+def expand_methods(spec: str | Sequence[str]) -> list[str]:
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    if names == ["all"]:
+        return list_methods()
+    unknown = [n for n in names if n not in list_methods()]
+    if unknown:
+        raise ConfigError(f"Unknown method(s) {unknown}. Known: {', '.join(list_methods())}, or 'all'.")
+    return names
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample std and a 95% t-interval half-width of per-seed values."""
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if arr.size == 0:
+        return {"mean": float("nan"), "std": float("nan"), "ci95": float("nan"), "n": 0}
+    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return {"mean": float(arr.mean()), "std": std, "ci95": t_crit(arr.size) * std / math.sqrt(arr.size),
+            "n": int(arr.size)}
+
+
+def t_crit(n: int) -> float:
+    """Two-sided 95% Student-t critical value for n samples (n-1 degrees of freedom)."""
+    table = {1: float("nan"), 2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306,
+             10: 2.262, 11: 2.228, 12: 2.201, 13: 2.179, 14: 2.160, 15: 2.145, 16: 2.131, 20: 2.093, 30: 2.045}
+    if n in table:
+        return table[n]
+    return 1.96 if n > 30 else table[max(k for k in table if k <= n)]
+
+
+def bench(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[int], method_options: dict[str, dict] | None = None,
+          output: str | Path | None = None, progress: bool = False, log=print) -> dict[str, Any]:
+    """Every method x seed on the configured dataset and model, same budget. Returns (and writes
+    to ``output`` as JSON) every run's metrics and per-method summaries."""
+    data = load_data(cfg)
+    runs = []
+    for name in methods:
+        for seed in seeds:
+            run_cfg = {**cfg, "method": {"name": name, "options": (method_options or {}).get(name, {})},
+                       "train": {**cfg.get("train", {}), "seed": int(seed)}}
+            result, _ = run_config(run_cfg, data=data, progress=progress)
+            runs.append({"method": name, "seed": int(seed), "test": result.test, "val": result.val,
+                         "best_epoch": result.best_epoch, "seconds_per_epoch": result.seconds_per_epoch,
+                         "skipped_steps": result.skipped_steps})
+            log(f"  {name:<16} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.test.items()
+                                                          if k in _headline(data.task)))
+    metric_names = [k for k in runs[0]["test"] if k != "loss"] if runs else []
+    summary = {name: {k: summarize([r["test"].get(k, float("nan")) for r in runs if r["method"] == name])
+                      for k in metric_names} for name in methods}
+    report = {"dataset": data.name, "description": data.description, "task": data.task.kind, "methods": list(methods),
+              "seeds": list(seeds), "config": cfg, "runs": runs, "summary": summary}
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(report, indent=1, default=float))
+    return report
+
+
+def _headline(task) -> tuple[str, ...]:
+    return {"classification": ("accuracy", "f1_weighted"), "regression": ("mae", "corr", "acc2_nonzero"),
+            "segmentation": ("dice_mean",)}[task.kind]
+
+
+def format_table(report: dict[str, Any], metrics: Sequence[str] | None = None) -> str:
+    """A plain-text table: one row per method, mean +- std over seeds of each metric."""
+    summary = report["summary"]
+    if not summary:
+        return "(no runs)"
+    first = next(iter(summary.values()))
+    metrics = list(metrics or [m for m in ("accuracy", "f1_weighted", "mae", "corr", "acc2_nonzero", "acc7",
+                                           "dice_mean") if m in first])
+    n = len(report["seeds"])
+    header = ["method"] + [f"{m} (mean +- std, n={n})" for m in metrics]
+    rows = [[name] + [f"{s[m]['mean']:.4f} +- {s[m]['std']:.4f}" for m in metrics] for name, s in summary.items()]
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
