@@ -20,3 +20,6 @@ __all__ = [
     "CGGM", "METHODS", "EpochContext", "Method", "PaperRule", "RobustRule", "Support", "UnsupportedSettingError",
     "build_method", "build_rule", "gradient_modulation_loss", "list_methods", "register_method",
 ]
+
+# the methods CGGM is compared with (cggm-spec.md 3.1, peers.md 2)
+from . import agm, gblending, greedy, inforeg, mmpareto, mrd, mslr, ogm_ge, pmr, qmf, reconboost, ume, umt  # noqa: E402,F401,I001

@@ -1,0 +1,187 @@
+"""Small pieces shared by the comparison methods: per-modality auxiliary heads with their own
+optimizer, unimodal predictions by zeroing the other modalities' features, and tensor helpers.
+
+Nothing here looks parameters up by name: modalities' parameters come from
+``model.modality_parameters()``, unimodal logits from method-owned heads or ``model.predict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .. import distributed
+from ..models.blocks import pool
+from ..types import ModelOutput
+from .base import Method, UnsupportedSettingError
+
+
+class UniHead(nn.Module):
+    """A linear unimodal head on one modality's features: pooled ``[B, D]`` / ``[B, T, D]`` ->
+    ``[B, C]`` (Linear), or maps ``[B, D, h, w]`` -> ``[B, C, H, W]`` (1x1 conv, bilinear resize)."""
+
+    def __init__(self, feature: Tensor, num_outputs: int):
+        super().__init__()
+        if feature.ndim in (2, 3):
+            self.map = False
+            self.layer = nn.Linear(feature.shape[-1], num_outputs)
+        elif feature.ndim == 4:
+            self.map = True
+            self.layer = nn.Conv2d(feature.shape[1], num_outputs, 1)
+        else:
+            raise UnsupportedSettingError(f"No unimodal head for features of shape {tuple(feature.shape)}.")
+        self.to(device=feature.device, dtype=feature.dtype if feature.is_floating_point() else None)
+
+    def forward(self, h: Tensor, mask: Tensor | None = None, size: tuple[int, int] | None = None) -> Tensor:
+        if not self.map:
+            return self.layer(pool(h, mask))
+        out = self.layer(h)
+        if size is not None and tuple(out.shape[-2:]) != tuple(size):
+            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+        return out
+
+
+class HeadMethod(Method):
+    """Base for methods with one method-owned unimodal head per modality.
+
+    The heads are built lazily on the first batch, on the features' device, and trained by their
+    own Adam optimizer (``head_lr``), stepped right after the model's optimizer (gradients averaged
+    across DDP ranks first). Whether their loss reaches the encoders is up to the subclass (it
+    passes detached or live features to :meth:`uni_logits`).
+    """
+
+    def __init__(self, head_lr: float = 1e-3, head_weight_decay: float = 0.0) -> None:
+        super().__init__()
+        if not head_lr > 0:
+            raise ValueError(f"head_lr must be > 0, got {head_lr}.")
+        self.head_lr, self.head_weight_decay = float(head_lr), float(head_weight_decay)
+        self.heads: nn.ModuleList | None = None
+        self.head_opt: torch.optim.Optimizer | None = None
+        self._pending_heads: Mapping[str, Any] | None = None
+
+    def _ensure_heads(self, out: ModelOutput) -> nn.ModuleList:
+        if self.heads is None:
+            self.heads = nn.ModuleList(UniHead(h.detach(), self.task.num_outputs) for h in out.features)
+            self.head_opt = torch.optim.Adam(self.heads.parameters(), lr=self.head_lr,
+                                             weight_decay=self.head_weight_decay)
+            if self._pending_heads is not None:
+                state, self._pending_heads = self._pending_heads, None
+                self.heads.load_state_dict(state["heads"])
+                self.head_opt.load_state_dict(state["head_opt"])
+        return self.heads
+
+    def target_size(self, target: Tensor) -> tuple[int, int] | None:
+        return tuple(target.shape[-2:]) if self.task.kind == "segmentation" else None
+
+    def uni_logits(self, out: ModelOutput, target: Tensor, detach: bool = False) -> list[Tensor]:
+        """Each head's prediction on its modality's features (detached features if ``detach``)."""
+        heads = self._ensure_heads(out)
+        heads.train(self.model.training if self.model is not None else True)
+        size = self.target_size(target)
+        return [head(h.detach() if detach else h, out.mask(i), size) for i, (head, h) in enumerate(zip(heads, out.features))]
+
+    def eval_logits(self, out: ModelOutput) -> list[Tensor]:
+        heads = self._ensure_heads(out)
+        heads.eval()
+        return [head(h, out.mask(i)) for i, (head, h) in enumerate(zip(heads, out.features))]
+
+    def zero_head_grads(self) -> None:
+        if self.head_opt is not None:
+            self.head_opt.zero_grad(set_to_none=True)
+
+    def step_heads(self) -> None:
+        if self.head_opt is None:
+            return
+        distributed.average_gradients(self.heads.parameters())
+        self.head_opt.step()
+        self.head_opt.zero_grad(set_to_none=True)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+        self.step_heads()
+
+    def modules(self) -> Mapping[str, nn.Module]:
+        return {} if self.heads is None else {"heads": self.heads}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.heads is not None:
+            state["heads"] = self.heads.state_dict()
+            state["head_opt"] = self.head_opt.state_dict()
+        elif self._pending_heads is not None:
+            state["heads"] = self._pending_heads["heads"]
+            state["head_opt"] = self._pending_heads["head_opt"]
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "heads" in state:
+            if self.heads is None:
+                self._pending_heads = {"heads": state["heads"], "head_opt": state["head_opt"]}
+            else:
+                self.heads.load_state_dict(state["heads"])
+                self.head_opt.load_state_dict(state["head_opt"])
+
+
+def predict_only(model: nn.Module, features: Sequence[Tensor], masks, keep) -> Tensor:
+    """``model.predict`` with the features of every modality not in ``keep`` (indices) zeroed."""
+    keep = set(keep)
+    feats = [h if i in keep else torch.zeros_like(h) for i, h in enumerate(features)]
+    return model.predict(feats, masks)
+
+
+def true_class_prob(logits: Tensor, target: Tensor) -> Tensor:
+    """Softmax probability of the true class, per sample: ``[B]``."""
+    return logits.float().softmax(dim=1).gather(1, target.long().unsqueeze(1)).squeeze(1)
+
+
+def others_mean(x: Tensor) -> Tensor:
+    """For a ``[M]`` vector, the mean over the other entries of each entry."""
+    m = x.shape[0]
+    return (x.sum() - x) / (m - 1)
+
+
+def modality_params(model: nn.Module, modalities: Sequence[str]) -> list[list[nn.Parameter]]:
+    """Each modality's trainable encoder parameters, in ``modalities`` order."""
+    if not hasattr(model, "modality_parameters"):
+        raise UnsupportedSettingError("This method needs a model that declares modality_parameters().")
+    groups = model.modality_parameters()
+    return [[p for p in groups[m] if p.requires_grad] for m in modalities]
+
+
+def scale_hook(k: Tensor):
+    """A tensor hook that multiplies the incoming gradient by ``k`` (a 0-d tensor)."""
+
+    def hook(grad: Tensor) -> Tensor:
+        return grad * k.to(grad.dtype)
+
+    return hook
+
+
+def in_window(epoch: int, start: int, end: int | None) -> bool:
+    return epoch >= start and (end is None or epoch <= end)
+
+
+def epoch_losses(ctx, split: str, fn) -> Tensor:
+    """Mean over ``split`` of ``fn(out, target) -> [K]`` per-batch mean losses, weighted by batch
+    size (no gradients; the model is put in eval mode and restored)."""
+    model = ctx.model
+    was_training = model.training
+    model.eval()
+    total, n = None, 0
+    try:
+        with torch.no_grad():
+            for inputs, masks, target in ctx.batches(split):
+                out = ctx.forward(inputs, masks)
+                vals = fn(out, target) * target.shape[0]
+                total = vals if total is None else total + vals
+                n += int(target.shape[0])
+    finally:
+        model.train(was_training)
+    if total is None:
+        raise ValueError(f"The {split!r} split yields no batch.")
+    return total / n

@@ -1,0 +1,135 @@
+"""Greedy learner balancing (Wu et al. 2022), for late-fusion models."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import distributed
+from ..types import ModelOutput
+from ._common import modality_params
+from .base import Method, Support
+from .registry import register_method
+
+
+@register_method("greedy")
+class Greedy(Method):
+    """Balanced multi-modal learning against greedy learning, adapted to late fusion.
+
+    N. Wu, S. Jastrzebski, K. Cho, K. J. Geras. "Characterizing and Overcoming the Greedy Nature of
+    Learning in Multi-modal Deep Neural Networks". ICML 2022, arXiv:2202.05306.
+
+    The paper measures each modality's *conditional learning speed* from the relative gradient
+    energy of parameters, sum_p ||g_p||^2 / ||theta_p||^2, and, when the speeds differ by more than
+    a threshold, runs *re-balancing steps* in which the slower modality must carry the prediction:
+    the faster modality's cross-modal signal is replaced by its running average (the MMTM
+    "bypass"), so only the slower branch learns from it.
+
+    Here (no MMTM; any late-fusion model, any M):
+
+    * speed of modality m over a measuring window of ``window`` steps:
+      mu_m = sum_steps sum_{p in encoder m} ||g_p||^2 / ||theta_p||^2 (from ``modality_parameters``);
+    * imbalance d = log10(max_m mu_m / min_m mu_m); the slow modality is argmin_m mu_m;
+    * if d > ``threshold``, the next ``window`` steps are re-balancing steps: every modality other
+      than the slow one has its features replaced by their running batch mean (momentum
+      ``momentum``, detached), the prediction is recomputed with ``model.predict`` on these
+      features and the task loss is taken on it; then a new measuring window starts.
+
+    The decision is a device tensor (no host sync): a balanced window gives re-balancing steps
+    that are exactly joint steps. Deviations from the authors' code: speeds are of whole encoders
+    (late fusion has no bypass parameters), and measuring / re-balancing alternate in fixed
+    windows instead of a per-step check. Starts at ``start_epoch`` (the authors' configs use 2).
+    Records ``speed/<m>`` (measuring steps) and ``rebalance/<m>`` (1 where a modality is replaced).
+    """
+
+    name = "greedy"
+    ddp_find_unused_parameters = True
+    support = Support(needs="a model that declares modality_parameters() and has encode/predict")
+
+    def __init__(self, window: int = 5, threshold: float = 0.01, start_epoch: int = 2, momentum: float = 0.9) -> None:
+        super().__init__()
+        if window < 1:
+            raise ValueError(f"Greedy window must be >= 1, got {window}.")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"Greedy momentum must be in [0, 1), got {momentum}.")
+        self.window, self.threshold, self.start_epoch, self.momentum = int(window), float(threshold), int(start_epoch), float(momentum)
+        self.phase = "measure"
+        self.count = 0
+        self.speed_sum: Tensor | None = None
+        self.replace: Tensor | None = None  # [M] float, 1 = replace by the running mean
+        self.feature_mean: list[Tensor] | None = None
+
+    def setup(self) -> None:
+        modality_params(self.model, self.modalities)
+
+    @property
+    def active(self) -> bool:
+        return self.epoch >= self.start_epoch
+
+    def _update_means(self, out: ModelOutput, batch: int) -> None:
+        means = [distributed.weighted_mean(h.detach().mean(dim=0), batch) for h in out.features]
+        if self.feature_mean is None or any(a.shape != b.shape for a, b in zip(self.feature_mean, means)):
+            self.feature_mean = means
+        else:
+            self.feature_mean = [self.momentum * a + (1 - self.momentum) * b for a, b in zip(self.feature_mean, means)]
+
+    def loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
+        self._update_means(out, target.shape[0])
+        if not (self.active and self.phase == "rebalance"):
+            return task_loss
+        r = self.replace.to(out.features[0].device)
+        feats = []
+        for i, (h, mu) in enumerate(zip(out.features, self.feature_mean)):
+            self.record(f"rebalance/{self.modalities[i]}", r[i])
+            ri = r[i].to(h.dtype)
+            feats.append(h * (1 - ri) + mu.to(h.dtype).unsqueeze(0).expand_as(h) * ri)
+        prediction = self.model.predict(feats, out.masks)
+        return self.task.loss(prediction, target)
+
+    def after_backward(self) -> None:
+        if not self.active:
+            return
+        self.count += 1
+        if self.phase == "measure":
+            speeds = []
+            for ps in modality_params(self.model, self.modalities):
+                with_grad = [p for p in ps if p.grad is not None]
+                if not with_grad:
+                    speeds.append(torch.zeros((), device=ps[0].device if ps else None))
+                    continue
+                g = torch.stack(torch._foreach_norm([p.grad for p in with_grad])).square()
+                w = torch.stack(torch._foreach_norm([p.detach() for p in with_grad])).square().clamp_min(1e-12)
+                speeds.append((g / w).sum())
+            speed = torch.stack(speeds)
+            for m, s in zip(self.modalities, speed):
+                self.record(f"speed/{m}", s)
+            self.speed_sum = speed if self.speed_sum is None else self.speed_sum + speed
+            if self.count >= self.window:
+                self.replace = self.decide(self.speed_sum)
+                self.phase, self.count, self.speed_sum = "rebalance", 0, None
+        elif self.count >= self.window:
+            self.phase, self.count = "measure", 0
+
+    def decide(self, speed: Tensor) -> Tensor:
+        """``[M]``: 1 for the modalities to replace in the coming re-balancing window."""
+        speed = speed.clamp_min(1e-20)
+        d = torch.log10(speed.max() / speed.min())
+        slow = speed.argmin()
+        others = torch.arange(speed.numel(), device=speed.device) != slow
+        return (others & (d > self.threshold)).float()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(phase=self.phase, count=self.count, speed_sum=self.speed_sum, replace=self.replace,
+                     feature_mean=self.feature_mean)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.phase, self.count = state.get("phase", "measure"), int(state.get("count", 0))
+        self.speed_sum, self.replace = state.get("speed_sum"), state.get("replace")
+        fm = state.get("feature_mean")
+        self.feature_mean = None if fm is None else [t.clone() for t in fm]
