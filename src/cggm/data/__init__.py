@@ -1,7 +1,7 @@
 """Datasets: the built-in synthetic benchmark, real data shipped in packages, and loaders for the
 paper's four datasets in their published formats."""
 
-from . import real, synthetic  # noqa: F401  (register "synthetic" and the real datasets)
+from . import paper, real, synthetic  # noqa: F401  (register "synthetic", the real and the paper datasets)
 from .base import BatchIterator, DataError, DataSplits, MultimodalDataset, stratified_split
 from .registry import DATASETS, list_datasets, load_dataset, register_dataset
 
