@@ -71,3 +71,31 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class _MeanOverRanks(torch.autograd.Function):
+    """``mean_r x_r`` with a backward that keeps the sum of every rank's loss correct: each rank's
+    loss depends on the mean through all ranks' inputs, so the incoming gradients are summed over
+    ranks (and divided by the world size, the mean's factor)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out / world_size()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad / world_size()
+
+
+def mean_over_ranks(t: Tensor) -> Tensor:
+    """The mean over ranks of ``t``, differentiable (e.g. a gradient taken with ``create_graph=True``
+    on a rank's local loss, so every rank uses the gradient of the global batch's loss). With DDP
+    averaging the parameter gradients, a loss built on this mean gets the same gradient as in one
+    process with the global batch. Identity in a single process."""
+    if not is_distributed():
+        return t
+    return _MeanOverRanks.apply(t)

@@ -240,6 +240,8 @@ class CGGM(Method):
         if self.direction == "gradient" and self.lam > 0:
             W_F = self.head_layer.weight
             g_F = torch.autograd.grad(task_loss, W_F, create_graph=True, retain_graph=True)[0]
+            # under DDP: the global batch's g_F on every rank (differentiable; identity in one process)
+            g_F = distributed.mean_over_ranks(g_F)
             cos = torch.stack([F.cosine_similarity(g_F.flatten(), g.flatten(), dim=0) for g in clf_grads])
             l_gm = gradient_modulation_loss(B.to(cos.dtype), cos)
             self._record_direction(cos, l_gm)

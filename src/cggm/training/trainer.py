@@ -34,7 +34,7 @@ from ..data.base import BatchIterator, DataSplits
 from ..methods.base import EpochContext, Method
 from ..metrics.tracker import MetricTracker, selection_metric
 from ..types import ModelOutput, Task
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 class NonFiniteError(RuntimeError):
@@ -66,6 +66,7 @@ class TrainConfig:
     select_mode: Literal["max", "min"] | None = None
     progress: bool = True
     deterministic: bool = False
+    step_delay: float = 0.0  # seconds slept after each step (to test fault tolerance; 0 = off)
 
     def __post_init__(self) -> None:
         checks = [
@@ -78,6 +79,9 @@ class TrainConfig:
             (self.on_nonfinite in ("stop", "skip"), f"on_nonfinite must be stop or skip, got {self.on_nonfinite!r}"),
             (self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm must be > 0 or None"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
+            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
+            (self.step_delay >= 0, f"step_delay must be >= 0, got {self.step_delay}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -138,10 +142,13 @@ class Trainer:
         self.fingerprint = {"method": method.name, "modalities": list(data.modalities), "dataset": data.name,
                             **(fingerprint or {})}
         self.rank, self.world = distributed.rank(), distributed.world_size()
+        # read and check a checkpoint to resume now, before anything is written or trained
+        self._resume_state = self._load_resume_state() if resume else None
         self.train_model: nn.Module = model
         if distributed.is_distributed():
+            ids = [self.device.index] if self.device.type == "cuda" and self.device.index is not None else None
             self.train_model = nn.parallel.DistributedDataParallel(
-                model, find_unused_parameters=bool(getattr(method, "ddp_find_unused_parameters", False)))
+                model, device_ids=ids, find_unused_parameters=bool(getattr(method, "ddp_find_unused_parameters", False)))
         self.optimizer = self._make_optimizer()
         self.scheduler = None
         self.select_name, self.select_mode = selection_metric(self.task)
@@ -151,6 +158,35 @@ class Trainer:
         self.skipped_steps = 0
 
     # -- construction ---------------------------------------------------------------------------
+    @property
+    def last_checkpoint(self) -> Path | None:
+        return self.output_dir / "last.pt" if self.output_dir is not None else None
+
+    def _load_resume_state(self) -> dict[str, Any] | None:
+        last = self.last_checkpoint
+        if last is None or not last.exists():
+            return None
+        state = load_checkpoint(last, expect=self.fingerprint)
+        missing = [k for k in ("model", "optimizer", "method", "rng", "epoch", "batch") if k not in state]
+        if missing:
+            raise CheckpointError(f"Checkpoint {last} lacks {missing}; it is not a resumable last.pt.")
+        want = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        have = {k: tuple(getattr(v, "shape", ())) for k, v in state["model"].items()}
+        if want != have:
+            diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+            detail = ", ".join(f"{k}: {have.get(k, 'absent')} there, {want.get(k, 'absent')} here" for k in diff[:3])
+            raise CheckpointError(
+                f"Checkpoint {last} is incompatible with this run: the model differs ({detail}). Use a new "
+                f"output directory, --no-resume, or the same model settings as the checkpointed run.")
+        global_batch = self.config.batch_size * self.world
+        saved = state.get("global_batch", global_batch)
+        if state["batch"] and saved != global_batch:
+            raise CheckpointError(
+                f"Checkpoint {last} was written mid-epoch with a global batch of {saved} samples "
+                f"(batch_size x ranks) and this run has {global_batch}; the data position cannot be "
+                f"restored. Use the same batch_size and number of processes.")
+        return state
+
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
         groups = self.method.param_groups(self.model)
@@ -230,7 +266,7 @@ class Trainer:
             "method": self.method.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "skipped_steps": self.skipped_steps, **extra,
+            "skipped_steps": self.skipped_steps, "global_batch": self.config.batch_size * self.world, **extra,
         }
 
     def _save(self, name: str, state: dict[str, Any]) -> None:
@@ -238,17 +274,23 @@ class Trainer:
             save_checkpoint(state, self.output_dir / name)
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.method.load_state_dict(state["method"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state.get("scheduler") is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            self.method.load_state_dict(_to_device(state["method"], self.device))
+            rng = state["rng"]
+            torch.set_rng_state(rng["torch"].cpu())
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([r.cpu() for r in rng["cuda"]])
+        except CheckpointError:
+            raise
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:
+            raise CheckpointError(f"Checkpoint {self.last_checkpoint} cannot be restored into this run "
+                                  f"({type(err).__name__}: {err}). Use a new output directory or --no-resume.") from err
         self.skipped_steps = int(state.get("skipped_steps", 0))
 
     # -- the loop -------------------------------------------------------------------------------
@@ -268,9 +310,9 @@ class Trainer:
         start_epoch, skip = 0, 0
         partial = {"loss_sum": 0.0, "steps": 0, "seconds": 0.0}
         best_weights = None
-        last = self.output_dir / "last.pt" if self.output_dir is not None else None
-        if self.resume and last is not None and last.exists():
-            state = load_checkpoint(last, expect=self.fingerprint)
+        last = self.last_checkpoint
+        state, self._resume_state = self._resume_state, None
+        if state is not None:
             self._restore(state)
             start_epoch, skip = state["epoch"], state["batch"]
             best, history, records = state["best"], state["history"], state["records"]
@@ -278,7 +320,10 @@ class Trainer:
             self._log(f"resumed from {last} at epoch {start_epoch}, batch {skip}")
         t_start = time.perf_counter()
         for epoch in range(start_epoch, c.epochs):
-            self.method.on_epoch_start(self._epoch_context(epoch))
+            if skip == 0:
+                # resuming mid-epoch, the method's restored state already holds what its
+                # on_epoch_start computed at the start of this epoch (on the model of that time)
+                self.method.on_epoch_start(self._epoch_context(epoch))
             self.model.train()
             t_epoch = time.perf_counter()
             epoch_records: dict[str, list[torch.Tensor]] = {}
@@ -303,6 +348,8 @@ class Trainer:
                     self._save("last.pt", self._state(epoch, batch_index + 1, {
                         "best": best, "history": history, "records": records, "partial": partial}))
                 self._progress(epoch, batch_index + 1, steps_per_epoch, loss)
+                if c.step_delay:
+                    time.sleep(c.step_delay)
             skip = 0
             self._flush(records, epoch_records)
             seconds = partial["seconds"] + time.perf_counter() - t_epoch
@@ -357,11 +404,17 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad_norm)
         else:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss.new_zeros(())
-        loss = loss.detach()
-        finite = bool(torch.isfinite(loss) & torch.isfinite(norm))  # the one host sync of a step
+        # the loss and gradient norm of the global batch (the norm is already the same on every
+        # rank after DDP's all-reduce; a rank's non-finite loss makes the sum non-finite everywhere,
+        # so every rank takes the same decision)
+        check = torch.stack([loss.detach().float().reshape(()), norm.detach().float().reshape(())])
+        if self.world > 1:
+            check = distributed.all_reduce_sum(check) / torch.tensor([self.world, self.world], device=check.device)
+        loss = check[0]
+        finite = bool(torch.isfinite(check).all())  # the one host sync of a step
         if not finite:
-            where = (f"step {self.method.global_step} (epoch {epoch}, batch {batch_index}): loss={float(loss):.4g}, "
-                     f"gradient norm={float(norm):.4g}")
+            where = (f"step {self.method.global_step} (epoch {epoch}, batch {batch_index}): loss={float(check[0]):.4g}, "
+                     f"gradient norm={float(check[1]):.4g}")
             if c.on_nonfinite == "skip":
                 self.skipped_steps += 1
                 self.optimizer.zero_grad(set_to_none=True)
@@ -398,6 +451,21 @@ class Trainer:
         parts = [f"epoch {row['epoch'] + 1}/{self.config.epochs}", f"train_loss {row['train_loss']:.4f}"]
         parts += [f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val/") and isinstance(v, float)]
         return " | ".join(parts)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """Tensors in nested dicts, lists and tuples moved to ``device`` (a method's saved state).
+    Optimizer state dicts are left as they are: ``Optimizer.load_state_dict`` places their tensors
+    (and keeps Adam's step counters on the host, as it wants them)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict) and {"state", "param_groups"} <= set(obj):
+        return obj
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
 
 
 def train(model: nn.Module, method: Method, data: DataSplits, config: TrainConfig | None = None,
