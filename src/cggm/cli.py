@@ -47,20 +47,23 @@ def _device(arg: str | None) -> str:
 
 def cmd_train(args) -> int:
     from . import distributed
-    from .runner import run_config
+    from .runner import build_trainer
 
     extra = [f"method.name={args.method}"] if args.method else []
     cfg = _config(args, extra)
     initialised = _maybe_init_distributed()
     try:
         out = Path(args.output) if args.output else None
+        # everything is checked (data, model, method, a checkpoint to resume) before the output
+        # directory is touched, so a bad input leaves a previous run's files as they were
+        trainer = build_trainer(cfg, output_dir=out, device=_device(args.device), resume=not args.no_resume,
+                                progress=not args.quiet)
         if out is not None and distributed.is_main_process():
             out.mkdir(parents=True, exist_ok=True)
             from ._optional import require
 
             (out / "config.yaml").write_text(require("yaml", "cli").safe_dump(cfg, sort_keys=False))
-        result, _ = run_config(cfg, output_dir=out, device=_device(args.device), resume=not args.no_resume,
-                               progress=not args.quiet)
+        result = trainer.fit()
         if distributed.is_main_process():
             print(f"best epoch (validation): {result.best_epoch + 1}")
             print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.val.items()))

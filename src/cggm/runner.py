@@ -26,6 +26,14 @@ def load_data(cfg: dict[str, Any]):
 def run_config(cfg: dict[str, Any], data=None, output_dir: str | Path | None = None, device: str | None = None,
                resume: bool = True, progress: bool = True) -> tuple[RunResult, torch.nn.Module]:
     """Train and test one configured run; returns the result and the trained model."""
+    trainer = build_trainer(cfg, data, output_dir, device, resume, progress)
+    return trainer.fit(), trainer.model
+
+
+def build_trainer(cfg: dict[str, Any], data=None, output_dir: str | Path | None = None, device: str | None = None,
+                  resume: bool = True, progress: bool = True) -> Trainer:
+    """Data, model, method and engine of one configured run, every input checked (and a checkpoint
+    to resume read and checked) before anything is trained or written; ``.fit()`` runs it."""
     tc = replace(train_config(cfg), progress=progress and train_config(cfg).progress)
     data = data if data is not None else load_data(cfg)
     seed_everything(tc.seed)  # the model's initial weights depend on the seed
@@ -33,9 +41,8 @@ def run_config(cfg: dict[str, Any], data=None, output_dir: str | Path | None = N
     if device is not None:
         model = model.to(device)
     method = build_method(cfg["method"]["name"], **cfg["method"].get("options", {}))
-    trainer = Trainer(model, method, data, tc, output_dir=output_dir, resume=resume,
-                      fingerprint={"arch": cfg["model"]["arch"]})
-    return trainer.fit(), model
+    return Trainer(model, method, data, tc, output_dir=output_dir, resume=resume,
+                   fingerprint={"arch": cfg["model"]["arch"]})
 
 
 def expand_methods(spec: str | Sequence[str]) -> list[str]:
