@@ -77,3 +77,15 @@ def test_state_roundtrip(name):
     train_step(model2, method2, opt2, *nxt)
     for a, b in zip(expected, model2.parameters()):
         torch.testing.assert_close(b.detach(), a, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_trainer_fit(name):
+    """The engine runs every method end to end (epoch hooks, test-time fusion, records)."""
+    from cggm.training.trainer import TrainConfig, Trainer
+
+    data = tiny_data(2)
+    model = tiny_model(data)
+    result = Trainer(model, build_method(name), data, TrainConfig(epochs=2, batch_size=32, progress=False)).fit()
+    assert len(result.history) == 2
+    assert 0.0 <= result.test["accuracy"] <= 1.0
