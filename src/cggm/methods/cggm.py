@@ -173,9 +173,14 @@ class CGGM(Method):
 
     def _build_classifiers(self, out: ModelOutput) -> None:
         hidden = head_layer_hidden(self.head_layer)
-        self.classifiers = nn.ModuleList(
-            build_classifier(h.detach(), hidden, self.task.num_outputs, self.classifier_layers) for h in out.features
-        )
+        # drawn from the global RNG, which is then put back: building them when a resumed run
+        # loads their saved weights must not shift the random stream (dropout, ...) of the steps
+        device = out.features[0].device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            self.classifiers = nn.ModuleList(
+                build_classifier(h.detach(), hidden, self.task.num_outputs, self.classifier_layers)
+                for h in out.features
+            )
         self._make_optimizer()
 
     def _make_optimizer(self) -> None:
@@ -221,8 +226,10 @@ class CGGM(Method):
         if len(out.features) != len(self.modalities):
             raise ValueError(f"CGGM was bound to {len(self.modalities)} modalities but the model returned "
                              f"{len(out.features)} feature tensors.")
+        if self.classifiers is None:
+            self._build_classifiers(out)  # (also loads the saved ones on the first step after a resume)
         weights_before = None
-        if self.direction == "weight" and self.classifiers is not None:
+        if self.direction == "weight":
             weights_before = [clf.last.weight.detach().clone() for clf in self.classifiers]
         eps, clf_grads = self._classify(out, target)
         self._last_clf_grads = clf_grads
