@@ -9,7 +9,7 @@ from cggm.methods import build_method
 from cggm.types import ModelOutput
 
 nib = pytest.importorskip("nibabel")
-from paper_fixtures import write_brats  # noqa: E402
+from paper_fixtures import write_brats
 
 OPTS = {"crop": 16, "fractions": (0.5, 0.25, 0.25), "seed": 0}
 

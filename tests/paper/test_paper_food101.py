@@ -3,10 +3,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from paper_fixtures import FOOD_CLASSES, write_food101, write_food_cache
 
 from cggm.data import DataError, load_dataset
 from cggm.data.paper import food101
-from paper_fixtures import FOOD_CLASSES, write_food101, write_food_cache
 
 
 def test_food_cache_read_directly(tmp_path):
@@ -27,7 +27,7 @@ def test_food_cache_read_directly(tmp_path):
     assert torch.equal(target, torch.from_numpy(np.load(cache / "train_labels.npy")[rows]))
     assert torch.allclose(inputs["text"][0], torch.from_numpy(np.load(cache / "train_text.npy")[rows[0]].astype(np.float32)))
     assert masks["text"].shape == (3, 7) and "image" not in masks
-    x, m, y = data.val[0]
+    x, _m, y = data.val[0]
     assert x["image"].shape == (5, 16) and y.ndim == 0
 
 
@@ -48,6 +48,7 @@ def test_food_cache_errors(tmp_path, edit, message):
 
 
 def test_food_raw_needs_models_or_features(tmp_path):
+    pytest.importorskip("PIL")
     root = write_food101(tmp_path / "food")
     with pytest.raises(DataError, match="dataset.options.vit"):
         load_dataset("food101", path=str(root))

@@ -5,7 +5,7 @@ import torch
 from cggm.data import DataError, load_dataset
 
 h5py = pytest.importorskip("h5py")
-from paper_fixtures import write_iemocap  # noqa: E402
+from paper_fixtures import write_iemocap
 
 
 def test_iemocap_shapes_masks_labels(tmp_path):

@@ -3,9 +3,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from paper_fixtures import write_mosi
 
 from cggm.data import DataError, load_dataset
-from paper_fixtures import write_mosi
 
 
 def _batch(split, n=4):
@@ -19,7 +19,7 @@ def test_mosi_shapes_masks_labels(tmp_path):
     assert data.task.kind == "regression" and data.task.num_outputs == 1
     assert data.input_shapes == {"text": (50, 300), "audio": (50, 5), "vision": (50, 20)}
     assert [len(data.train), len(data.val), len(data.test)] == [12, 6, 6]
-    inputs, masks, target = _batch(data.train)
+    _inputs, masks, target = _batch(data.train)
     assert target.shape == (4,) and target.dtype == torch.float32
     for i in range(4):  # sample i is padded at the front for i % 5 steps
         assert masks["text"][i].tolist() == [False] * (i % 5) + [True] * (50 - i % 5)

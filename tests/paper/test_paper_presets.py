@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
+from paper_fixtures import write_brats, write_food_cache, write_iemocap, write_mosi
 
 from cggm.config import load_config, train_config
 from cggm.data import load_dataset
 from cggm.methods import build_method
 from cggm.models import build_model
 from cggm.training.trainer import Trainer
-from paper_fixtures import write_brats, write_food_cache, write_iemocap, write_mosi
 
 TINY_SEQ = ["model.options.d_model=8", "model.options.heads=2", "model.options.encoder_layers=1",
             "model.options.fusion_layers=1", "method.options.classifier_layers=1"]
@@ -49,7 +49,7 @@ def test_paper_preset_smoke(preset, tmp_path):
     data_opts, model_opts = _fixture(preset, tmp_path)
     cfg = load_config(preset=preset, overrides=[f"dataset.options.path={tmp_path}", *data_opts, *model_opts, *RUN])
     assert cfg["method"]["name"] == "cggm"
-    data, method, result = _run(cfg)
+    _data, method, result = _run(cfg)
     assert len(result.history) == 1
     assert method.global_step == 2
     expected = {"food101": ["accuracy", "f1_weighted"], "iemocap": ["accuracy", "f1_weighted"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -28,12 +29,12 @@ class _NumpyUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only; anything else (arbitrary classes or
     functions, which a malicious pickle would need to run code) is refused."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[frozenset] = frozenset({
         ("collections", "OrderedDict"), ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"),
         ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"), ("builtins", "slice"),
         ("_codecs", "encode"),
-    }
-    _NUMPY_NAMES = {"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer", "frombuffer"}
+    })
+    _NUMPY_NAMES: ClassVar[frozenset] = frozenset({"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer", "frombuffer"})
 
     def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED or (module.split(".")[0] == "numpy" and name in self._NUMPY_NAMES):

@@ -346,8 +346,8 @@ def case_split(cases: list[str], fractions=(0.7, 0.1, 0.2), seed: int = 0) -> di
     if len(names) < 3:
         raise DataError(f"BraTS needs at least 3 cases for a train/val/test split, found {len(names)}.")
     order = np.random.default_rng(seed).permutation(len(names))
-    n_val = max(1, int(round(fractions[1] * len(names))))
-    n_test = max(1, int(round(fractions[2] * len(names))))
+    n_val = max(1, round(fractions[1] * len(names)))
+    n_test = max(1, round(fractions[2] * len(names)))
     n_train = len(names) - n_val - n_test
     if n_train < 1:
         raise DataError(f"BraTS: {len(names)} cases are too few for fractions {fractions}.")
@@ -383,7 +383,7 @@ def load_brats(path: str, cache_dir: str | None = None, crop: int | None = 160,
             raise DataError(f"{sf}: cannot read the split file: {err}") from err
         if not isinstance(parts, dict) or sorted(parts) != ["test", "train", "val"]:
             raise DataError(f"{sf}: expected {{'train': [...], 'val': [...], 'test': [...]}}.")
-        unknown = sorted(set(c for v in parts.values() for c in v) - set(metas))
+        unknown = sorted({c for v in parts.values() for c in v} - set(metas))
         if unknown:
             raise DataError(f"{sf}: cases {unknown[:5]} are not in {root}.")
     else:

@@ -316,7 +316,7 @@ def _image_tokens(hidden: Tensor, grid: int | None) -> Tensor:
     if grid is None:
         return hidden
     cls, patches = hidden[:, :1], hidden[:, 1:]
-    side = int(round(patches.shape[1] ** 0.5))
+    side = round(patches.shape[1] ** 0.5)
     if side * side != patches.shape[1]:
         return hidden  # not a square grid (e.g. extra distillation tokens): keep everything
     fmap = patches.reshape(hidden.shape[0], side, side, -1).permute(0, 3, 1, 2)

@@ -134,12 +134,12 @@ def load_iemocap(path: str, fold: int = 1, audio: str = "comparE", vision: str =
         except OSError as err:
             raise DataError(f"{files[m]}: cannot open as HDF5: {err}") from err
         with h5:
-            for split in SPLITS:
+            for split, theirs in SPLITS.items():
                 out = []
                 for name in ids[split]:
                     if name not in h5:
                         raise DataError(f"{files[m]}: no features for utterance {name!r} (listed in fold {fold}, "
-                                        f"{SPLITS[split]}).")
+                                        f"{theirs}).")
                     x = np.asarray(h5[name][()], dtype=np.float32)
                     where = f"{files[m]}: utterance {name!r}"
                     if x.ndim == 1:
@@ -173,13 +173,13 @@ def load_iemocap(path: str, fold: int = 1, audio: str = "comparE", vision: str =
 
     lengths = {m: max(len(x) for s in SPLITS for x in seqs[s][m]) for m in MODALITIES}
     splits = {}
-    for split in SPLITS:
+    for split, theirs in SPLITS.items():
         inputs, masks = {}, {}
         for m in MODALITIES:
             x, mk = _pad(seqs[split][m], lengths[m], dims[m])
             inputs[m], masks[m] = torch.from_numpy(x), torch.from_numpy(mk)
         splits[split] = MultimodalDataset(inputs, torch.from_numpy(labels[split]), masks,
-                                          source=f"{target}/{SPLITS[split]}")
+                                          source=f"{target}/{theirs}")
     return DataSplits(
         name="iemocap", task=Task("classification", len(CLASSES)),
         description=f"IEMOCAP 4-class, MMIN features, fold {fold}",
