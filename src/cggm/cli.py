@@ -1,4 +1,5 @@
-"""The ``cggm`` command line: ``train``, ``bench``, ``demo``, ``methods``, ``datasets``, ``presets``."""
+"""The ``cggm`` command line: ``train``, ``bench``, ``plot``, ``sweep``, ``diagnose``, ``demo``, ``methods``,
+``datasets``, ``presets``."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def _common_config_args(p: argparse.ArgumentParser) -> None:
                                                     "(default: cuda:LOCAL_RANK if available, else cpu)")
 
 
-def _config(args, extra: list[str] | None = None):
+def _config(args, method: str | None = None):
     from .config import load_config
 
     overrides = list(args.overrides)
@@ -29,8 +30,7 @@ def _config(args, extra: list[str] | None = None):
         overrides.insert(0, f"dataset.name={args.dataset}")
     if args.data_path:
         overrides.append(f"dataset.options.path={json.dumps(str(args.data_path))}")
-    overrides += extra or []
-    return load_config(args.config, args.preset, overrides)
+    return load_config(args.config, args.preset, overrides, method=method)
 
 
 def _device(arg: str | None) -> str:
@@ -49,8 +49,7 @@ def cmd_train(args) -> int:
     from . import distributed
     from .runner import build_trainer
 
-    extra = [f"method.name={args.method}"] if args.method else []
-    cfg = _config(args, extra)
+    cfg = _config(args, method=args.method)
     initialised = _maybe_init_distributed()
     try:
         out = Path(args.output) if args.output else None
@@ -99,12 +98,57 @@ def cmd_bench(args) -> int:
     cfg = _config(args)
     methods = expand_methods(args.methods)
     seeds = list(range(args.seeds))
+    if args.datasets or args.report:
+        return _bench_report(args, cfg, methods, seeds)
     print(f"bench: {len(methods)} methods x {len(seeds)} seeds on {cfg['dataset']['name']}", flush=True)
     report = bench(cfg, methods, seeds, output=args.output, progress=False)
     print()
     print(format_table(report))
     if args.output:
         print(f"\nwrote {args.output}")
+    return 0
+
+
+def _bench_report(args, cfg, methods, seeds) -> int:
+    """datasets x methods x seeds with utilization diagnostics, written as Markdown + CSV (cggm.report)."""
+    from .report import run_benchmark, write_report
+
+    datasets = [d.strip() for d in (args.datasets or cfg["dataset"]["name"]).split(",") if d.strip()]
+    out = Path(args.report or "bench_report")
+    print(f"bench: {len(datasets)} datasets x {len(methods)} methods x {len(seeds)} seeds -> {out}", flush=True)
+    result = run_benchmark(cfg, datasets, methods, seeds, records_dir=out / "records")
+    paths = write_report(result, out)
+    print(f"\nwrote {paths['markdown']}, {paths['summary']}, {paths['runs']} ({result['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .diagnostics.runs import plot_run
+
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    for p in plot_run(args.run_dir, args.output, window=args.window, methods=methods):
+        print(f"wrote {p}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .diagnostics.runs import run_sweep
+    from .runner import expand_methods
+
+    imbalances = [float(x) for x in args.imbalances.split(",")]
+    res = run_sweep(imbalances, expand_methods(args.methods), list(range(args.seeds)), epochs=args.epochs,
+                    out_dir=args.output)
+    print(f"wrote {args.output}/sweep.json, sweep.csv" + (", sweep.png" if "png" in res else ""))
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    from .diagnostics.runs import diagnose
+
+    res = diagnose(args.run_dir, data_path=args.data_path, device=args.device or "cpu", overrides=args.overrides)
+    print(res["text"])
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: v for k, v in res.items() if k != "text"}, indent=1))
     return 0
 
 
@@ -149,7 +193,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="joint,cggm", help="comma-separated method names, or 'all'")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     p.add_argument("--output", default=None, help="JSON file with every run's metrics")
+    p.add_argument("--datasets", default=None, help="comma-separated dataset names: with --report, a "
+                   "datasets x methods x seeds report with utilization diagnostics")
+    p.add_argument("--report", default=None, metavar="DIR", help="write report.md, summary.csv, runs.csv, "
+                   "bench.json and per-method records to DIR (unimodal is expanded to each modality)")
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("plot", help="plot a run's classifier metric, B, cosines and L_gm over training")
+    p.add_argument("run_dir", help="a `cggm train --output` dir or a `cggm bench --report` dir")
+    p.add_argument("--output", default=None, help="folder for the PNGs (default: RUN_DIR)")
+    p.add_argument("--methods", default=None, help="only these methods (bench dirs)")
+    p.add_argument("--window", type=int, default=25, help="moving-average window in steps")
+    p.set_defaults(fn=cmd_plot)
+
+    p = sub.add_parser("sweep", help="imbalance sweep on the synthetic data: weak-modality utilization and accuracy")
+    p.add_argument("--imbalances", default="0,1,2,3,5", help="comma-separated values of the imbalance knob")
+    p.add_argument("--methods", default="joint,cggm,cggm_paper", help="comma-separated method names, or 'all'")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--output", default="sweep_output", help="folder for sweep.json, sweep.csv and sweep.png")
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("diagnose", help="does a trained model under-use a modality? (probe and removal numbers)")
+    p.add_argument("run_dir", help="the output dir of `cggm train` (holds best.pt and config.yaml)")
+    p.add_argument("--data-path", default=None, help="where the dataset lives, if it moved")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value of the run (e.g. dataset options)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.set_defaults(fn=cmd_diagnose)
 
     p = sub.add_parser("demo", help="joint training vs CGGM on the built-in synthetic data")
     p.add_argument("--output", default="demo_output", help="folder for demo.png and demo.json")

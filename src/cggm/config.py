@@ -40,8 +40,10 @@ def list_presets() -> list[str]:
 
 
 def load_config(source: str | Path | None = None, preset: str | None = None,
-                overrides: list[str] | None = None) -> dict[str, Any]:
-    """A validated config dict from a preset name and/or a YAML file, then the overrides."""
+                overrides: list[str] | None = None, method: str | None = None) -> dict[str, Any]:
+    """A validated config dict from a preset name and/or a YAML file, then ``method`` (which
+    replaces the configured method *and its options*, since one method's options mean nothing to
+    another), then the overrides."""
     cfg: dict[str, Any] = default_config()
     if preset is not None:
         if preset not in list_presets():
@@ -53,6 +55,8 @@ def load_config(source: str | Path | None = None, preset: str | None = None,
         if not path.is_file():
             raise ConfigError(f"Config file {path} does not exist.")
         cfg = merge(cfg, _parse(path.read_text(), str(path)))
+    if method is not None and method != cfg.get("method", {}).get("name"):
+        cfg["method"] = {"name": method, "options": {}}
     for item in overrides or []:
         cfg = apply_override(cfg, item)
     validate(cfg)
