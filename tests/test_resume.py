@@ -91,3 +91,238 @@ def test_resume_after_a_crash_is_exact(tmp_path, name, crash_at):
     result = _trainer(tmp_path / "run", resumed).fit()
     assert resumed.global_step == 30
     _assert_same(_final(result, resumed), ref)
+
+
+# -- a real kill: SIGKILL a `cggm train` process mid-epoch, rerun the same command ---------------
+CLI_SETTINGS = ["--preset", "synthetic", "--method", "cggm", "--quiet",
+                "--set", "dataset.options={dim: 8, n_train: 320, n_val: 32, n_test: 32}",
+                "--set", "model.options={feature_dim: 8, hidden: 16, head_hidden: 16, dropout: 0.1}",
+                "--set", "train.epochs=3", "--set", "train.batch_size=16", "--set", "train.checkpoint_every=6",
+                "--set", "train.deterministic=true", "--set", "train.scheduler=cosine"]
+
+
+def _cli(out, delay):
+    return [sys.executable, "-m", "cggm", "train", *CLI_SETTINGS, "--set", f"train.step_delay={delay}",
+            "--output", str(out)]
+
+
+def _kill_mid_epoch(out, delay) -> bool:
+    """Start the run, SIGKILL it once last.pt is a mid-epoch checkpoint of epoch 2. False if the
+    run ended before it could be killed (a very slow machine: the caller retries slower)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(_cli(out, delay), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last, seen, deadline = out / "last.pt", None, time.monotonic() + 120
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if last.exists() and last.stat().st_mtime_ns != seen:
+                seen = last.stat().st_mtime_ns
+                state = torch.load(last, map_location="cpu", weights_only=False)
+                if state["epoch"] == 1 and state["batch"] > 0:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None and time.monotonic() >= deadline:
+            proc.kill()
+        _, err = proc.communicate()
+    if proc.returncode == 0:
+        return False
+    assert proc.returncode == -signal.SIGKILL, err.decode()
+    return True
+
+
+def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
+    try:
+        assert cli.main(["train", *CLI_SETTINGS, "--output", str(tmp_path / "ref")]) == 0
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for attempt, delay in enumerate((0.03, 0.1, 0.3)):
+        out = tmp_path / f"killed{attempt}"
+        if _kill_mid_epoch(out, delay):
+            break
+    else:
+        pytest.fail("the run always finished before it could be killed")
+    state = load_checkpoint(out / "last.pt")
+    assert state["epoch"] == 1 and 0 < state["batch"] < 20 and not (out / "result.json").exists()
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    rerun = subprocess.run(_cli(out, 0), env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    ref, got = load_checkpoint(tmp_path / "ref" / "last.pt"), load_checkpoint(out / "last.pt")
+    assert got["epoch"] == 3 and got["method"]["global_step"] == 60
+    for k, v in ref["model"].items():
+        assert torch.equal(v, got["model"][k]), f"model {k} differs from the uninterrupted run"
+    for k, v in ref["method"]["classifiers"].items():
+        assert torch.equal(v, got["method"]["classifiers"][k]), f"classifier {k} differs"
+    for k in ("ema", "history"):
+        assert torch.equal(ref["method"]["rule"][k], got["method"]["rule"][k]), f"rule {k} differs"
+    for which in ("optimizer", ):
+        for i, s in ref[which]["state"].items():
+            for k, v in s.items():
+                assert torch.equal(v, got[which]["state"][i][k]), f"{which} state {i}.{k} differs"
+    assert ref["history"][-1]["val/accuracy"] == got["history"][-1]["val/accuracy"]
+
+
+# -- atomic writes ---------------------------------------------------------------------------------
+def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint_module.save_checkpoint({"epoch": 1, "w": torch.arange(4.0)}, path)
+    before = path.read_bytes()
+
+    def dies_halfway(obj, f, *args, **kwargs):
+        f.write(before[: len(before) // 2])  # partial bytes, then the "crash"
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", dies_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint_module.save_checkpoint({"epoch": 2, "w": torch.zeros(4)}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    state = load_checkpoint(path)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.arange(4.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left behind
+
+
+def test_a_run_that_dies_while_checkpointing_resumes_exactly(tmp_path, monkeypatch):
+    method = build_method("joint")
+    ref = _final(_trainer(tmp_path / "ref", method).fit(), method)
+    real_save, calls = torch.save, []
+
+    def save_then_die(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # the 4th checkpoint write: the mid-epoch one at step 17
+            f.write(b"\x80\x02partial")
+            raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tmp_path / "run", build_method("joint")).fit()
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1  # the epoch-end one, intact
+    resumed = build_method("joint")
+    _assert_same(_final(_trainer(tmp_path / "run", resumed).fit(), resumed), ref)
+
+
+# -- refused checkpoints -----------------------------------------------------------------------------
+@pytest.fixture()
+def finished_run(tmp_path):
+    out = tmp_path / "run"
+    _trainer(out, build_method("joint"), epochs=1).fit()
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not-a-checkpoint"])
+def test_a_corrupt_checkpoint_is_refused(finished_run, damage):
+    last = finished_run / "last.pt"
+    data = last.read_bytes()
+    if damage == "truncated":
+        last.write_bytes(data[: len(data) // 3])
+    elif damage == "garbage":
+        last.write_bytes(os.urandom(4096))
+    elif damage == "empty":
+        last.write_bytes(b"")
+    else:
+        torch.save({"weights": torch.zeros(3)}, last)
+    with pytest.raises(CheckpointError, match="corrupt|not a cggm-checkpoint") as err:
+        _trainer(finished_run, build_method("joint"))
+    assert str(last) in str(err.value)
+
+
+@pytest.mark.parametrize("change", ["method", "modalities", "arch", "model-size"])
+def test_an_incompatible_checkpoint_is_refused(finished_run, change):
+    data, method, fingerprint = _data(), build_method("joint"), {"arch": "mlp"}
+    shape = dict(feature_dim=8, hidden=16, head_hidden=16)
+    if change == "method":
+        method = build_method("cggm")
+    elif change == "modalities":
+        data = load_dataset("synthetic", num_modalities=3, dim=8, n_train=160, n_val=32, n_test=32)
+    elif change == "arch":
+        fingerprint = {"arch": "other"}
+    else:
+        shape["feature_dim"] = 12
+    model = build_model("mlp", data.input_shapes, data.task, **shape)
+    with pytest.raises(CheckpointError, match="incompatible with this run") as err:
+        Trainer(model, method, data, TrainConfig(progress=False), output_dir=finished_run, fingerprint=fingerprint)
+    want = {"method": "method is 'joint' there and 'cggm' here", "modalities": "modalities is",
+            "arch": "arch is 'mlp' there and 'other' here", "model-size": "the model differs"}[change]
+    assert want in str(err.value)
+    # resume=False starts over instead
+    Trainer(model, method, data, TrainConfig(progress=False), output_dir=finished_run, fingerprint=fingerprint,
+            resume=False)
+
+
+def test_the_cli_refuses_a_corrupt_checkpoint_with_exit_code_2(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", *CLI_SETTINGS[:-4], "--set", "train.epochs=1", "--output", str(out)]
+    assert cli.main(args) == 0
+    (out / "last.pt").write_bytes((out / "last.pt").read_bytes()[:100])
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "cggm train: error:" in err and "last.pt is corrupt" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # nothing overwritten
+    assert cli.main([*args, "--no-resume"]) == 0  # starting over is allowed
+
+
+# -- non-finite steps ----------------------------------------------------------------------------------
+class NonFiniteAt(Method):
+    """Joint training whose loss (or one gradient) is made non-finite at the given steps."""
+
+    name = "nonfinite-test"
+
+    def __init__(self, steps, where="loss"):
+        super().__init__()
+        self.bad, self.where = set(steps), where
+
+    def loss(self, out, target, task_loss):
+        if self.where == "loss" and self.global_step in self.bad:
+            return task_loss * float("nan")
+        return task_loss
+
+    def backward(self, loss):
+        loss.backward()
+        if self.where == "gradient" and self.global_step in self.bad:
+            next(self.model.parameters()).grad[0, 0] = float("inf")
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, where):
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError) as err:
+        _trainer(out, NonFiniteAt([13], where), checkpoint_every=4).fit()
+    msg = str(err.value)
+    assert "step 13 (epoch 1, batch 3)" in msg and str(out / "last.pt") in msg
+    assert ("loss=nan" in msg) == (where == "loss") and "gradient norm=" in msg
+    state = load_checkpoint(out / "last.pt")
+    assert (state["epoch"], state["batch"], state["method"]["global_step"]) == (1, 0, 10)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_skip_mode_skips_and_counts_non_finite_steps(tmp_path):
+    clean = _trainer(None, NonFiniteAt([]), dropout=0.0, epochs=1, scheduler="none").fit()
+    method = NonFiniteAt([3, 7], "loss")
+    trainer = _trainer(None, method, dropout=0.0, epochs=1, scheduler="none", on_nonfinite="skip")
+    seen = {}
+    step = method.step
+    method.step = lambda opt: (seen.setdefault(method.global_step, True), step(opt))
+    result = trainer.fit()
+    assert result.skipped_steps == 2 and method.global_step == 10
+    assert sorted(seen) == [0, 1, 2, 4, 5, 6, 8, 9]  # the optimizer never stepped on 3 and 7
+    assert all(torch.isfinite(v).all() for v in result.extra["final_weights"].values())
+    assert result.extra["final_weights"].keys() == clean.extra["final_weights"].keys()
+    assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
+
+
+def test_cli_reports_divergence_and_skipped_steps(tmp_path, capsys):
+    base = ["train", "--preset", "synthetic", "--method", "joint", "--quiet", "--set", "method.options={}",
+            "--set", "dataset.options={dim: 8, n_train: 64, n_val: 16, n_test: 16}",
+            "--set", "model.options={feature_dim: 8, hidden: 16, head_hidden: 16}",
+            "--set", "train.epochs=1", "--set", "train.batch_size=16", "--set", "train.optimizer=sgd",
+            "--set", "train.lr=1e30"]
+    assert cli.main([*base, "--output", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "cggm train: error: Training diverged at step 1 (epoch 0, batch 1)" in err
+    assert cli.main([*base, "--set", "train.on_nonfinite=skip", "--output", str(tmp_path / "b")]) == 0
+    assert "skipped non-finite steps: 3" in capsys.readouterr().out

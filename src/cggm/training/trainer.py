@@ -69,6 +69,7 @@ class TrainConfig:
     step_delay: float = 0.0  # seconds slept after each step (to test fault tolerance; 0 = off)
 
     def __post_init__(self) -> None:
+        self._coerce_types()
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -86,6 +87,32 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"Invalid training config: {msg}.")
+
+    _INTS = ("epochs", "batch_size", "eval_batch_size", "plateau_patience", "warmup_epochs", "seed", "checkpoint_every")
+    _FLOATS = ("lr", "weight_decay", "momentum", "plateau_factor", "min_lr", "step_delay", "warmup_start_lr",
+               "clip_grad_norm")
+    _BOOLS = ("progress", "deterministic")
+
+    def _coerce_types(self) -> None:
+        """Numbers given as strings (YAML reads ``1e-3`` as a string) become numbers; anything else
+        of the wrong type is refused with the field's name."""
+        for name in self._INTS + self._FLOATS + self._BOOLS:
+            value = getattr(self, name)
+            if value is None and name in ("warmup_start_lr", "clip_grad_norm"):
+                continue
+            kind = "an integer" if name in self._INTS else "a number" if name in self._FLOATS else "true or false"
+            ok = isinstance(value, bool) if name in self._BOOLS else not isinstance(value, bool)
+            try:
+                if ok and name in self._INTS:
+                    ok = float(value) == int(float(value))
+                    value = int(float(value))
+                elif ok and name in self._FLOATS:
+                    value = float(value)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"Invalid training config: {name} must be {kind}, got {getattr(self, name)!r}.")
+            setattr(self, name, value)
 
 
 @dataclass
