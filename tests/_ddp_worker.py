@@ -10,7 +10,7 @@ import torch
 STEPS_PER_EPOCH, EPOCHS, GLOBAL_BATCH = 25, 2, 16
 
 
-def train_all(batch_size: int) -> dict:
+def train_all(batch_size: int, output_root: str | None = None) -> dict:
     from cggm.data import load_dataset
     from cggm.methods import build_method
     from cggm.models.factory import build_model
@@ -23,7 +23,9 @@ def train_all(batch_size: int) -> dict:
         model = build_model("mlp", data.input_shapes, data.task, feature_dim=8, hidden=16, head_hidden=16)
         method = build_method(name)
         cfg = TrainConfig(epochs=EPOCHS, batch_size=batch_size, progress=False, seed=0)
-        result = Trainer(model, method, data, cfg).fit()
+        # each rank gets its own output folder, so the test sees which ranks wrote files
+        out_dir = None if output_root is None else os.path.join(output_root, f"{name}-rank{dist_rank()}")
+        result = Trainer(model, method, data, cfg, output_dir=out_dir).fit()
         out[name] = {
             "model": {k: v.clone() for k, v in result.extra["final_weights"].items()},
             "method": {k: v.clone() for m in method.modules().values() for k, v in m.state_dict().items()},
@@ -34,6 +36,12 @@ def train_all(batch_size: int) -> dict:
     return out
 
 
+def dist_rank() -> int:
+    from cggm import distributed
+
+    return distributed.rank()
+
+
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -41,6 +49,6 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.save(train_all(GLOBAL_BATCH // world), os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(train_all(GLOBAL_BATCH // world, out_dir), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -28,12 +28,12 @@ def runs(tmp_path_factory):
                        start_method="spawn")
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     single = _ddp_worker.train_all(_ddp_worker.GLOBAL_BATCH)
-    return ranks, single
+    return ranks, single, out
 
 
 @pytest.mark.parametrize("method", ["cggm", "joint"])
 def test_replicas_identical_after_50_steps(runs, method):
-    (r0, r1), _ = runs
+    (r0, r1), *_ = runs
     assert r0[method]["steps"] == r1[method]["steps"] == 50
     for part in ("model", "method"):
         assert r0[method][part].keys() == r1[method][part].keys()
@@ -47,7 +47,7 @@ def test_replicas_identical_after_50_steps(runs, method):
 
 @pytest.mark.parametrize("method", ["cggm", "joint"])
 def test_ddp_equals_single_process_with_the_same_global_batch(runs, method):
-    (r0, _), single = runs
+    (r0, _), single, _ = runs
     assert single[method]["steps"] == 50
     for part in ("model", "method"):
         for k, v in single[method][part].items():
@@ -58,6 +58,13 @@ def test_ddp_equals_single_process_with_the_same_global_batch(runs, method):
     # the training loss is the global batch's (all-reduced), not rank 0's half
     for a, b in zip(r0[method]["history"], single[method]["history"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["cggm", "joint"])
+def test_only_rank_0_writes_files(runs, method):
+    *_, out = runs
+    assert sorted(p.name for p in (out / f"{method}-rank0").iterdir()) == ["best.pt", "last.pt", "result.json"]
+    assert not (out / f"{method}-rank1").exists()
 
 
 @pytest.mark.parametrize("n", [32, 37, 17, 3])
