@@ -95,12 +95,12 @@ def _installed_package_dir(name: str) -> Path | None:
         return None
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 # -- fetchers -------------------------------------------------------------------------------------
 def _run(cmd: list[str], cwd: Path) -> None:
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
     if res.returncode != 0:
         tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"`{' '.join(cmd)}` failed: {' | '.join(tail)}")
