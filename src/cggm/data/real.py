@@ -222,7 +222,7 @@ def load_trump_tweets(text_dim: int = 256, seed: int = 0) -> DataSplits:
     text_x = svd.transform(vec.transform(text))
     t = pd.to_datetime(df["created_at"], utc=True)
     hour = (t.dt.hour + t.dt.minute / 60.0).to_numpy()
-    wd = t.dt.weekday.to_numpy().astype(float)
+    wd = t.dt.day_of_week.to_numpy().astype(float)
     years = ((t - pd.Timestamp("2009-01-01", tz="UTC")).dt.total_seconds() / (365.25 * 86400)).to_numpy()
     meta = np.stack([
         np.sin(2 * np.pi * hour / 24), np.cos(2 * np.pi * hour / 24), np.sin(2 * np.pi * wd / 7),
