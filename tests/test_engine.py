@@ -1,0 +1,61 @@
+"""The engine: validation selects, test is evaluated once, records and metrics come back."""
+
+import pytest
+import torch
+
+from cggm.data import load_dataset
+from cggm.methods import build_method
+from cggm.models import build_model
+from cggm.training import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("synthetic", n_train=256, n_val=128, n_test=128)
+
+
+def test_validation_selects_and_test_runs_once(data, monkeypatch):
+    model = build_model("mlp", data.input_shapes, data.task)
+    trainer = Trainer(model, build_method("cggm"), data, TrainConfig(epochs=4, batch_size=32, progress=False))
+    calls = []
+    real = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda split: calls.append(split) or real(split))
+    result = trainer.fit()
+    assert calls == ["val"] * 4 + ["test"]
+    vals = [h["val/accuracy"] for h in result.history]
+    assert result.best_epoch == max(range(4), key=lambda e: (vals[e], -e))
+    assert result.val["accuracy"] == vals[result.best_epoch]
+    # the test metrics are those of the selected checkpoint, not of the last epoch
+    selected = result.extra["final_weights"]
+    assert set(result.test) >= {"accuracy", "f1_weighted", "loss"}
+    assert len(result.records["B/strong"]) == 4 * 8  # one record per step
+    assert {"clf/strong", "clf/weak"} <= set(result.history[0])  or {"val/clf/strong"} <= set(result.history[0])
+    assert selected is not None
+
+
+def test_test_metrics_come_from_the_best_checkpoint(data):
+    torch.manual_seed(0)
+    model = build_model("mlp", data.input_shapes, data.task)
+    trainer = Trainer(model, build_method("joint"), data, TrainConfig(epochs=3, batch_size=32, progress=False))
+    result = trainer.fit()
+    # the model now holds the selected weights: evaluating val again gives the selected val metrics
+    again = trainer.evaluate("val")
+    assert again["accuracy"] == pytest.approx(result.val["accuracy"])
+
+
+def test_regression_task_metrics():
+    from cggm.data.base import DataSplits, MultimodalDataset
+    from cggm.types import Task
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        a, b = torch.randn(n, 4, generator=g), torch.randn(n, 3, generator=g)
+        return MultimodalDataset({"a": a, "b": b}, (a[:, :1] + b[:, :1]).clamp(-3, 3))
+
+    data = DataSplits("toy", Task("regression", 1), split(128), split(64), split(64))
+    model = build_model("mlp", data.input_shapes, data.task)
+    result = Trainer(model, build_method("cggm"), data, TrainConfig(epochs=2, batch_size=32, progress=False)).fit()
+    assert {"mae", "corr", "acc7", "acc2_nonneg", "acc2_nonzero", "f1_nonzero"} <= set(result.test)
+    assert "eps/a" in result.records  # -MAE of the classifiers, higher is better
+    assert max(result.records["eps/a"]) <= 0
