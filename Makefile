@@ -16,7 +16,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --quiet --disable-pip-version-check "$(TORCH_SPEC)" $(PIP_EXTRA)
-	$(PIP) install --quiet --disable-pip-version-check -e ".[dev,cli,plots,datasets]"
+	$(PIP) install --quiet --disable-pip-version-check -e ".[dev,cli,plots,datasets,paper,features]"
 	$(PY) scripts/fetch_datasets.py
 	touch $(STAMP)
 
