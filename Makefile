@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml Makefile scripts/fetch_datasets.py | $(PY)
 	$(PIP) install --quiet --disable-pip-version-check "$(TORCH_SPEC)" $(PIP_EXTRA)
 	$(PIP) install --quiet --disable-pip-version-check -e ".[dev,cli,plots,datasets,paper,features]"
 	$(PY) scripts/fetch_datasets.py
