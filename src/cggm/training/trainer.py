@@ -10,7 +10,9 @@
 * a non-finite loss or gradient stops the run with a message naming the step (or, with
   ``on_nonfinite="skip"``, skips and counts the step).
 * DDP: if ``torch.distributed`` is initialised, the model is wrapped in DistributedDataParallel,
-  each rank trains on its shard, and only rank 0 writes files.
+  each rank trains on its shard of every global batch (``batch_size`` per rank; global batch b is
+  the one a single process with ``batch_size x world`` sees), so a run equals the single-process
+  run with the global batch up to float rounding; only rank 0 logs and writes files.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class TrainConfig:
     """Everything the engine needs besides the model, the method and the data."""
 
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 64  # per process: under DDP the global batch is batch_size x world size
     eval_batch_size: int = 256
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-3
@@ -436,7 +438,7 @@ class Trainer:
         # so every rank takes the same decision)
         check = torch.stack([loss.detach().float().reshape(()), norm.detach().float().reshape(())])
         if self.world > 1:
-            check = distributed.all_reduce_sum(check) / torch.tensor([self.world, self.world], device=check.device)
+            check = distributed.all_reduce_sum(check) / self.world
         loss = check[0]
         finite = bool(torch.isfinite(check).all())  # the one host sync of a step
         if not finite:
