@@ -59,3 +59,26 @@ def test_regression_task_metrics():
     assert {"mae", "corr", "acc7", "acc2_nonneg", "acc2_nonzero", "f1_nonzero"} <= set(result.test)
     assert "eps/a" in result.records  # -MAE of the classifiers, higher is better
     assert max(result.records["eps/a"]) <= 0
+
+
+def test_gradient_edits_are_checked_and_clipped(data):
+    """after_backward runs before the engine's finite check and clipping."""
+    from cggm.methods import Method
+    from cggm.training import NonFiniteError
+
+    class Blows(Method):
+        def after_backward(self):
+            for p in self.model.parameters():
+                p.grad.mul_(1e6)
+            if self.global_step == 2:
+                next(self.model.parameters()).grad.fill_(float("nan"))
+
+    model = build_model("mlp", data.input_shapes, data.task)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(model, Blows(), data, TrainConfig(epochs=1, batch_size=32, optimizer="sgd", lr=0.1,
+                                                       clip_grad_norm=1.0, progress=False))
+    with pytest.raises(NonFiniteError, match="step 2"):
+        trainer.fit()
+    # two clipped SGD steps of norm <= 1 at lr 0.1 despite the 1e6 factor
+    moved = torch.sqrt(sum(((model.state_dict()[k] - before[k]).float() ** 2).sum() for k in before))
+    assert float(moved) <= 2 * 0.1 + 1e-5

@@ -37,14 +37,14 @@ def _trainer(out, method, crash_at=None, dropout=0.1, **cfg):
     model = build_model("mlp", data.input_shapes, data.task, feature_dim=8, hidden=16, head_hidden=16,
                         dropout=dropout)
     if crash_at is not None:  # dies just before optimizer step `crash_at`
-        step = method.step
+        update = method.apply_update  # what the engine calls to step the optimizer
 
-        def crashing_step(optimizer):
+        def crashing_update(optimizer):
             if method.global_step == crash_at:
                 raise Crash(f"crash at step {crash_at}")
-            step(optimizer)
+            update(optimizer)
 
-        method.step = crashing_step
+        method.apply_update = crashing_update
     options = dict(epochs=3, batch_size=16, checkpoint_every=7, progress=False, scheduler="cosine", seed=0)
     options.update(cfg)
     return Trainer(model, method, data, TrainConfig(**options), output_dir=out,
@@ -305,8 +305,8 @@ def test_skip_mode_skips_and_counts_non_finite_steps(tmp_path):
     method = NonFiniteAt([3, 7], "loss")
     trainer = _trainer(None, method, dropout=0.0, epochs=1, scheduler="none", on_nonfinite="skip")
     seen = {}
-    step = method.step
-    method.step = lambda opt: (seen.setdefault(method.global_step, True), step(opt))
+    update = method.apply_update  # what the engine calls to step the optimizer
+    method.apply_update = lambda opt: (seen.setdefault(method.global_step, True), update(opt))
     result = trainer.fit()
     assert result.skipped_steps == 2 and method.global_step == 10
     assert sorted(seen) == [0, 1, 2, 4, 5, 6, 8, 9]  # the optimizer never stepped on 3 and 7

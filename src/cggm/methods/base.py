@@ -125,8 +125,13 @@ class Method:
         optimizer.step()
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """``after_backward`` then ``optimizer_step``; advances the step counter."""
+        """``after_backward`` then :meth:`apply_update`."""
         self.after_backward()
+        self.apply_update(optimizer)
+
+    def apply_update(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer_step``, then advance the step counter. (The engine calls ``after_backward``,
+        then checks and clips the gradients, then this.)"""
         self.optimizer_step(optimizer)
         self.global_step += 1
 

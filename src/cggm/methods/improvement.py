@@ -105,6 +105,7 @@ class RobustRule(ImprovementRule):
         smoothed = self.ema / (1 - self.beta ** self.steps)
         if self.history is None:
             self.history = smoothed.unsqueeze(0).repeat(self.window, 1)
+        self.history = self.history.to(eps.device)  # a no-op once it is there (e.g. after a resume)
         slot = self.steps % self.window
         delta = (smoothed - self.history[slot]).clamp_min(0)  # improvement over the window
         self.history[slot] = smoothed

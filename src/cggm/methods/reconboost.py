@@ -102,8 +102,8 @@ class ReconBoost(HeadMethod):
             loss = loss + self.alpha * ga
         return loss
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        super().step(optimizer)
+    def apply_update(self, optimizer: torch.optim.Optimizer) -> None:
+        super().apply_update(optimizer)
         if self.stage_steps is not None and self.global_step % self.stage_steps == 0:
             self.stage += 1
 

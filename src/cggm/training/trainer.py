@@ -259,7 +259,7 @@ class Trainer:
 
     def _epoch_context(self, epoch: int, metrics: dict[str, float] | None = None) -> EpochContext:
         return EpochContext(epoch=epoch, epochs=self.config.epochs, model=self.model, task=self.task,
-                            batches=lambda split: self._batches(split), forward=self.train_model,
+                            batches=lambda split: self._batches(split, epoch), forward=self.train_model,
                             metrics=metrics or {})
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -428,6 +428,7 @@ class Trainer:
         loss = self.method.loss(out, target, task_loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.method.backward(loss)
+        self.method.after_backward()  # gradient edits (noise, scaling) are clipped and checked too
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if c.clip_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad_norm)
@@ -453,7 +454,7 @@ class Trainer:
             kept = f" The last good checkpoint is kept at {last}." if last is not None and last.exists() else ""
             raise NonFiniteError(f"Training diverged at {where}.{kept} Lower the learning rate, enable "
                                  f"clip_grad_norm, or set on_nonfinite='skip'.")
-        self.method.step(self.optimizer)
+        self.method.apply_update(self.optimizer)
         return loss
 
     @staticmethod
