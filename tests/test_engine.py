@@ -75,7 +75,7 @@ def test_gradient_edits_are_checked_and_clipped(data):
 
     model = build_model("mlp", data.input_shapes, data.task)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = Trainer(model, Blows(), data, TrainConfig(epochs=1, batch_size=32, optimizer="sgd", lr=0.1,
+    trainer = Trainer(model, Blows(), data, TrainConfig(epochs=1, batch_size=32, optimizer="sgd", lr=0.1, momentum=0.0,
                                                        clip_grad_norm=1.0, progress=False))
     with pytest.raises(NonFiniteError, match="step 2"):
         trainer.fit()
