@@ -236,12 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ._optional import MissingDependencyError
     from .config import ConfigError
     from .data.base import DataError
     from .methods.base import UnsupportedSettingError
     from .training.checkpoint import CheckpointError
     from .training.trainer import NonFiniteError
-    from ._optional import MissingDependencyError
 
     args = build_parser().parse_args(argv)
     try:

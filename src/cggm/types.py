@@ -8,7 +8,7 @@ parameters by name; they act on these features, or on the per-modality parameter
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch

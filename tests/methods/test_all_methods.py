@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from helpers import batch, context, make_optimizer, tiny_data, tiny_model, train_step
 
 from cggm.methods import UnsupportedSettingError, build_method, list_methods
-from helpers import batch, context, make_optimizer, tiny_data, tiny_model, train_step
 
 METHODS = list_methods()
 

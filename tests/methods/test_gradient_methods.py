@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from helpers import batch, context, make_optimizer, tiny_data, tiny_model, train_step
 from torch.nn import functional as F
 
 from cggm.methods import build_method
@@ -12,7 +13,6 @@ from cggm.methods._common import predict_only, true_class_prob
 from cggm.methods.agm import agm_coefficients, shapley_responses
 from cggm.methods.mmpareto import pareto_combine
 from cggm.methods.ogm_ge import ogm_coefficients
-from helpers import batch, context, make_optimizer, tiny_data, tiny_model, train_step
 
 
 def _grads_after(model, method, inputs, masks, target):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import batch, context, make_optimizer, tiny_data, tiny_model, train_step
 from torch.nn import functional as F
 
 from cggm.methods import UnsupportedSettingError, build_method
@@ -12,7 +13,6 @@ from cggm.methods.gblending import gblend_weights
 from cggm.methods.qmf import qmf_fuse
 from cggm.methods.reconboost import reconboost_loss
 from cggm.types import Task
-from helpers import batch, context, make_optimizer, tiny_data, tiny_model, train_step
 
 
 def test_gblending_weights_follow_og_ratio():

@@ -52,7 +52,7 @@ from torch.nn import functional as F
 from .. import distributed
 from ..models.base import head_layer_hidden
 from ..models.classifiers import build_classifier
-from ..types import ModelOutput, Task
+from ..types import ModelOutput
 from .base import Method, Support
 from .improvement import build_rule
 from .registry import register_method

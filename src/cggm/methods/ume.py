@@ -32,8 +32,8 @@ class UME(HeadMethod):
     def loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         self.zero_head_grads()
         losses = [self.task.loss(z, target) for z in self.uni_logits(out, target)]
-        for m, l in zip(self.modalities, losses):
-            self.record(f"L/{m}", l.detach())
+        for m, loss_m in zip(self.modalities, losses):
+            self.record(f"L/{m}", loss_m.detach())
         return torch.stack(losses).sum()
 
     def eval_prediction(self, out: ModelOutput) -> Tensor:

@@ -1,10 +1,10 @@
 """Reference models and the model contract."""
 
+from . import paper  # noqa: F401,E402  (registers "paper_transformer" and "paper_seg")
 from .base import LateFusionModel, MultimodalModel, head_layer_hidden
 from .blocks import ConcatFusion, Head, MLPEncoder, SequenceEncoder, TokenFusion, pool
 from .classifiers import MapClassifier, SequenceClassifier, VectorClassifier, build_classifier
 from .factory import build_model
-from . import paper  # noqa: F401,E402  (registers "paper_transformer" and "paper_seg")
 
 __all__ = [
     "ConcatFusion", "Head", "LateFusionModel", "MLPEncoder", "MapClassifier", "MultimodalModel",

@@ -35,7 +35,7 @@ from .. import distributed
 from ..data.base import BatchIterator, DataSplits
 from ..methods.base import EpochContext, Method
 from ..metrics.tracker import MetricTracker, selection_metric
-from ..types import ModelOutput, Task
+from ..types import ModelOutput
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
