@@ -69,6 +69,10 @@ def cmd_train(args) -> int:
             print("test (once, on the selected checkpoint): " + ", ".join(f"{k} {v:.4f}" for k, v in result.test.items()))
             if result.skipped_steps:
                 print(f"skipped non-finite steps: {result.skipped_steps}")
+        if initialised:
+            import torch.distributed as dist
+
+            dist.barrier()  # no rank tears the group down while another still talks to it (gloo aborts)
     finally:
         if initialised:
             import torch.distributed as dist
