@@ -139,7 +139,10 @@ class CGGM(Method):
     @classmethod
     def official(cls, rho: float = 1.3, lam: float = 0.2, **kwargs: Any) -> CGGM:
         """The official code's behaviour (for comparison with published runs): raw Eq. 7 on
-        consecutive batches, and the one-step-late cosine of weights (cggm-spec.md A1-A3)."""
+        consecutive batches, encoder gradients scaled by B, and the one-step-late cosine of
+        weights (cggm-spec.md A1-A3). Its global gradient clipping (0.8) is a training setting
+        (``clip_grad_norm``), set in the paper presets."""
+        kwargs.setdefault("scale_on", "gradient")
         return cls(rho=rho, lam=lam, rule="paper", direction="weight", **kwargs)
 
     # -- set-up ---------------------------------------------------------------------------------
