@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="joint training vs CGGM on the built-in synthetic data")
     p.add_argument("--output", default="demo_output", help="folder for demo.png and demo.json")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=20)
     p.set_defaults(fn=cmd_demo)
 

@@ -34,7 +34,7 @@ DEMO_METHODS = {
 }
 
 
-def run_demo(output_dir: str | Path = "demo_output", seeds: int = 3, epochs: int = 20, log=print) -> dict:
+def run_demo(output_dir: str | Path = "demo_output", seeds: int = 5, epochs: int = 20, log=print) -> dict:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
