@@ -30,14 +30,17 @@ def _blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
 
 
-def _commands() -> list[str]:
-    cmds = []
+def _command_blocks() -> list[list[str]]:
+    """The command lines of each bash block (a block's commands may use each other's output)."""
+    blocks = []
     for block in _blocks("bash"):
-        for line in block.splitlines():
-            line = re.sub(r"\s+#.*$", "", line).strip()
-            if line and not line.startswith("#"):
-                cmds.append(line)
-    return cmds
+        cmds = [re.sub(r"\s+#.*$", "", line).strip() for line in block.splitlines()]
+        blocks.append([c for c in cmds if c and not c.startswith("#")])
+    return blocks
+
+
+def _commands() -> list[str]:
+    return [c for block in _command_blocks() for c in block]
 
 
 def _make_fixture(preset: str, path: Path) -> list[str]:
@@ -76,8 +79,15 @@ def test_python_example(index, tmp_path, monkeypatch):
     exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
 
 
-@pytest.mark.parametrize("command", [c for c in _commands() if c != "make test"])
-def test_shell_example(command, tmp_path):
+@pytest.mark.parametrize("block", range(len(_command_blocks())))
+def test_shell_examples(block, tmp_path):
+    """The commands of one bash block, in order, in one folder."""
+    for command in _command_blocks()[block]:
+        if command != "make test":  # this test suite
+            _run(command, tmp_path)
+
+
+def _run(command: str, tmp_path: Path) -> None:
     argv = shlex.split(command)
     extra: list[str] = []
     if argv[:2] == ["make", "demo"]:
