@@ -34,11 +34,16 @@ def test_validation_selects_and_test_runs_once(data, monkeypatch):
 def test_test_metrics_come_from_the_best_checkpoint(data):
     torch.manual_seed(0)
     model = build_model("mlp", data.input_shapes, data.task)
-    trainer = Trainer(model, build_method("joint"), data, TrainConfig(epochs=3, batch_size=32, progress=False))
+    # select the epoch with the *highest* validation loss: an early epoch, not the last one
+    config = TrainConfig(epochs=3, batch_size=32, progress=False, select_metric="loss", select_mode="max")
+    trainer = Trainer(model, build_method("joint"), data, config)
     result = trainer.fit()
-    # the model now holds the selected weights: evaluating val again gives the selected val metrics
-    again = trainer.evaluate("val")
-    assert again["accuracy"] == pytest.approx(result.val["accuracy"])
+    assert result.best_epoch < 2
+    # the model now holds the selected weights, and test was evaluated on them
+    assert trainer.evaluate("val")["loss"] == pytest.approx(result.val["loss"])
+    assert trainer.evaluate("test") == pytest.approx(result.test)
+    final = result.extra["final_weights"]
+    assert any(not torch.equal(final[k], v) for k, v in model.state_dict().items())
 
 
 def test_regression_task_metrics():
