@@ -65,7 +65,11 @@ class HeadMethod(Method):
 
     def _ensure_heads(self, out: ModelOutput) -> nn.ModuleList:
         if self.heads is None:
-            self.heads = nn.ModuleList(UniHead(h.detach(), self.task.num_outputs) for h in out.features)
+            # drawn from the global RNG, which is then put back: building the heads again when a
+            # resumed run loads their saved weights must not shift the random stream of later steps
+            device = out.features[0].device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                self.heads = nn.ModuleList(UniHead(h.detach(), self.task.num_outputs) for h in out.features)
             self.head_opt = torch.optim.Adam(self.heads.parameters(), lr=self.head_lr,
                                              weight_decay=self.head_weight_decay)
             if self._pending_heads is not None:

@@ -164,6 +164,11 @@ class Method:
         """The scalars recorded during the last step."""
         return dict(self._records)
 
+    def reset_records(self) -> None:
+        """Forget the last step's records (the engine calls this before each step, so a value a
+        method records only on some steps is not repeated on the others)."""
+        self._records.clear()
+
     def modules(self) -> Mapping[str, nn.Module]:
         """Modules the method owns (auxiliary heads, classifiers); empty by default."""
         return {}

@@ -422,6 +422,7 @@ class Trainer:
 
     def _train_step(self, inputs, masks, target, epoch: int, batch_index: int, last) -> torch.Tensor | None:
         c = self.config
+        self.method.reset_records()
         inputs, masks = self.method.prepare(inputs, masks)
         out: ModelOutput = self.train_model(inputs, masks)
         task_loss = self.task.loss(out.prediction, target)
