@@ -10,18 +10,28 @@ import torch
 STEPS_PER_EPOCH, EPOCHS, GLOBAL_BATCH = 25, 2, 16
 
 
-def train_all(batch_size: int, output_root: str | None = None) -> dict:
+def train_all(batch_size: int, output_root: str | None = None, names=("cggm", "joint")) -> dict:
     from cggm.data import load_dataset
-    from cggm.methods import build_method
+    from cggm.methods import UnsupportedSettingError, build_method
     from cggm.models.factory import build_model
     from cggm.training import TrainConfig, Trainer, seed_everything
 
     data = load_dataset("synthetic", dim=8, n_train=STEPS_PER_EPOCH * GLOBAL_BATCH, n_val=48, n_test=32)
     out = {}
-    for name in ("cggm", "joint"):
+    for name in names:
         seed_everything(0)
         model = build_model("mlp", data.input_shapes, data.task, feature_dim=8, hidden=16, head_hidden=16)
         method = build_method(name)
+        if name not in ("cggm", "joint"):  # the other methods: replicas must agree (or DDP is refused)
+            try:
+                result = Trainer(model, method, data, TrainConfig(epochs=EPOCHS, batch_size=batch_size,
+                                                                  progress=False, seed=0)).fit()
+            except UnsupportedSettingError as err:
+                out[name] = {"refused": str(err)}
+                continue
+            out[name] = {"model": dict(result.extra["final_weights"]), "steps": method.global_step,
+                         "method": {k: v.clone() for m in method.modules().values() for k, v in m.state_dict().items()}}
+            continue
         cfg = TrainConfig(epochs=EPOCHS, batch_size=batch_size, progress=False, seed=0)
         # each rank gets its own output folder, so the test sees which ranks wrote files
         out_dir = None if output_root is None else os.path.join(output_root, f"{name}-rank{dist_rank()}")
@@ -49,6 +59,10 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.save(train_all(GLOBAL_BATCH // world, out_dir), os.path.join(out_dir, f"rank{rank}.pt"))
+        from cggm.methods import list_methods
+
+        results = train_all(GLOBAL_BATCH // world, out_dir)
+        results.update(train_all(GLOBAL_BATCH // world, None, [m for m in list_methods() if m not in results]))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

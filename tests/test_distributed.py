@@ -90,3 +90,23 @@ def test_a_global_batch_is_the_union_of_the_ranks_batches(n):
             assert sorted(full) == sorted(a + c)
         else:
             assert set(full) <= set(a + c)
+
+
+OTHER_METHODS = [m for m in __import__("cggm").list_methods() if m not in ("cggm", "joint")]
+
+
+@pytest.mark.parametrize("method", OTHER_METHODS)
+def test_every_method_keeps_replicas_identical_or_refuses_ddp(runs, method):
+    """Every other registered method either trains under DDP with bitwise-identical replicas (its
+    statistics come from all ranks) or refuses DDP with a clear message when it is bound."""
+    (r0, r1), *_ = runs
+    from cggm.methods import build_method
+
+    if not build_method(method).support.ddp:
+        assert "does not run under DDP" in r0[method]["refused"]
+        return
+    assert "refused" not in r0[method], r0[method].get("refused")
+    assert r0[method]["steps"] == r1[method]["steps"] == 50
+    for part in ("model", "method"):
+        for k in r0[method][part]:
+            assert torch.equal(r0[method][part][k], r1[method][part][k]), f"{method}: {part} {k} differs between ranks"

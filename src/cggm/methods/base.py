@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..types import TASK_KINDS, ModelOutput, Task
 
 Batch = tuple[dict[str, Tensor], dict[str, Tensor], Tensor]  # inputs, masks, target
@@ -42,6 +43,7 @@ class Support:
     max_modalities: int | None = None
     tasks: tuple[str, ...] = TASK_KINDS
     needs: str = ""  # free text, e.g. "a model with concatenation fusion and a linear head"
+    ddp: bool = True  # False: the method's steps leave parts of the model unused, which DDP cannot reduce
 
 
 @dataclass
@@ -92,6 +94,12 @@ class Method:
         if task.kind not in s.tasks:
             raise UnsupportedSettingError(
                 f"Method {self.name!r} supports tasks {list(s.tasks)}, not {task.kind!r}."
+            )
+        if not s.ddp and distributed.is_distributed():
+            raise UnsupportedSettingError(
+                f"Method {self.name!r} does not run under DDP: its loss leaves the fused head (or, per stage, "
+                f"some encoders) without a gradient, which DDP's gradient reduction cannot handle. "
+                f"Run it in a single process."
             )
 
     def setup(self) -> None:

@@ -51,7 +51,7 @@ class ReconBoost(HeadMethod):
 
     name = "reconboost"
     ddp_find_unused_parameters = True
-    support = Support(tasks=("classification",), needs="per-modality features")
+    support = Support(tasks=("classification",), needs="per-modality features", ddp=False)
 
     def __init__(self, w1: float = 5.0, w2: float = 1.0, alpha: float = 0.5, stage_epochs: int = 1,
                  stage_steps: int | None = None, head_lr: float = 1e-3, head_weight_decay: float = 0.0) -> None:

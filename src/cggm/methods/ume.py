@@ -27,7 +27,7 @@ class UME(HeadMethod):
 
     name = "ume"
     ddp_find_unused_parameters = True
-    support = Support(tasks=("classification", "regression"), needs="per-modality features")
+    support = Support(tasks=("classification", "regression"), needs="per-modality features", ddp=False)
 
     def loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         self.zero_head_grads()
