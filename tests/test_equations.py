@@ -90,7 +90,14 @@ def test_eq12_value():
     cos = torch.tensor([0.5, -0.1, 0.3])
     expected = ((0.4 - 0.4 * 0.5) + (0.9 + 0.9 * 0.1) + (0.2 + 0.2 * 0.3)) / 3
     assert math.isclose(float(gradient_modulation_loss(B, cos)), expected, rel_tol=1e-6)
-    assert float(gradient_modulation_loss(B, torch.ones(3))) >= 0  # |B| - B cos >= 0
+    # L_gm >= 0 for any B and any cos in [-1, 1] ("the loss L_gm is always positive"), and it is 0
+    # exactly when every gradient with B_i > 0 is aligned (cos = 1) and every B_i < 0 is anti-aligned
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        b, c = torch.randn(5, generator=g), torch.rand(5, generator=g) * 2 - 1
+        assert float(gradient_modulation_loss(b, c)) >= 0
+    assert float(gradient_modulation_loss(B, torch.sign(B))) == 0.0
+    assert float(gradient_modulation_loss(B, -torch.sign(B))) == pytest.approx(2 * float(B.abs().mean()))
 
 
 def tiny_model(dims=(5, 7), out=3):
@@ -276,3 +283,26 @@ def test_user_model_few_lines():
         method.backward(loss)
         method.step(opt)
     assert set(method.records()) >= {"B/audio", "B/video", "L_gm", "cos/audio"}
+
+
+def test_head_and_classifier_shapes_must_match():
+    """A fused head whose last layer is a 3x3 conv cannot be compared with the classifiers' 1x1
+    layers: a clear error when the classifiers are built, not a shape error inside Eq. 12."""
+    task = Task("segmentation", 3)
+
+    class Seg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
+            self.out = nn.Conv2d(8, 3, 3, padding=1)
+
+        def forward(self, x, y):
+            h = [self.a(x), self.b(y)]
+            return self.out(torch.cat(h, 1)), h
+
+    model = Seg()
+    method = CGGM(head_layer=model.out, scale_on="gradient").bind(model, task, ["a", "b"])
+    pred, feats = model(torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8))
+    target = torch.randint(0, 3, (2, 8, 8))
+    with pytest.raises(ValueError, match="last layer"):
+        method.loss(ModelOutput(pred, feats), target, task.loss(pred, target))

@@ -39,6 +39,13 @@ def _device(arg: str | None) -> str:
     import torch
 
     if arg:
+        try:
+            device = torch.device(arg)
+        except RuntimeError as err:
+            raise ValueError(f"--device {arg!r} is not a torch device (e.g. cpu, cuda, cuda:1): {err}") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {arg!r} asks for CUDA, which this torch build or machine does not have; "
+                             f"use --device cpu.")
         return arg
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -101,6 +108,8 @@ def cmd_bench(args) -> int:
 
     cfg = _config(args)
     methods = expand_methods(args.methods)
+    if args.seeds < 1:
+        raise ValueError(f"cggm bench needs --seeds >= 1, got {args.seeds}.")
     seeds = list(range(args.seeds))
     if args.datasets or args.report:
         return _bench_report(args, cfg, methods, seeds)
@@ -139,7 +148,12 @@ def cmd_sweep(args) -> int:
     from .diagnostics.runs import run_sweep
     from .runner import expand_methods
 
-    imbalances = [float(x) for x in args.imbalances.split(",")]
+    if args.seeds < 1 or args.epochs < 1:
+        raise ValueError(f"cggm sweep needs --seeds >= 1 and --epochs >= 1, got {args.seeds} and {args.epochs}.")
+    try:
+        imbalances = [float(x) for x in args.imbalances.split(",")]
+    except ValueError as err:
+        raise ValueError(f"--imbalances must be comma-separated numbers, got {args.imbalances!r}.") from err
     res = run_sweep(imbalances, expand_methods(args.methods), list(range(args.seeds)), epochs=args.epochs,
                     out_dir=args.output)
     print(f"wrote {args.output}/sweep.json, sweep.csv" + (", sweep.png" if "png" in res else ""))
@@ -159,6 +173,8 @@ def cmd_diagnose(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    if args.seeds < 1 or args.epochs < 1:
+        raise ValueError(f"cggm demo needs --seeds >= 1 and --epochs >= 1, got {args.seeds} and {args.epochs}.")
     run_demo(args.output, seeds=args.seeds, epochs=args.epochs)
     return 0
 
@@ -251,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args) or 0)
     except (ConfigError, DataError, UnsupportedSettingError, CheckpointError, NonFiniteError,
-            MissingDependencyError, FileNotFoundError, KeyError, ValueError, TypeError) as err:
+            MissingDependencyError, OSError, KeyError, ValueError, TypeError) as err:
         print(f"cggm {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -120,7 +120,7 @@ def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1e-5) -> Tensor:
 
 
 def hard_dice(pred: Tensor, target: Tensor, num_classes: int, empty: float = 1.0) -> Tensor:
-    """Per-class Dice of hard labels, averaged over the batch: shape ``[num_classes - 1]``.
+    """Per-class Dice of hard labels over the whole batch (all pixels pooled): shape ``[num_classes - 1]``.
 
     A class absent from both prediction and target scores ``empty`` (1 by convention).
     """

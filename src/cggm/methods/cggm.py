@@ -163,6 +163,7 @@ class CGGM(Method):
         if self.classifiers is not None:
             if len(self.classifiers) != len(self.modalities):
                 raise ValueError(f"CGGM got {len(self.classifiers)} classifiers for {len(self.modalities)} modalities.")
+            self._check_classifier_shapes()
             self._make_optimizer()
 
     @property
@@ -184,7 +185,20 @@ class CGGM(Method):
                 build_classifier(h.detach(), hidden, self.task.num_outputs, self.classifier_layers)
                 for h in out.features
             )
+        self._check_classifier_shapes()
         self._make_optimizer()
+
+    def _check_classifier_shapes(self) -> None:
+        """Eq. 12 compares the head's last-layer gradient with each classifier's: same shapes."""
+        want = tuple(self.head_layer.weight.shape)
+        for m, clf in zip(self.modalities, self.classifiers):
+            have = tuple(clf.last.weight.shape)
+            if have != want:
+                raise ValueError(
+                    f"CGGM compares the fused head's last layer (weight {want}) with each classifier's last layer, "
+                    f"but the classifier of {m!r} has {have}. The default classifiers end in a Linear or a 1x1 "
+                    f"Conv2d: give the head such a last layer, or pass classifiers=... whose `last` matches it."
+                )
 
     def _make_optimizer(self) -> None:
         params = self.classifiers.parameters()

@@ -183,7 +183,8 @@ class Trainer:
         self.select_name, self.select_mode = selection_metric(self.task)
         if self.config.select_metric:
             self.select_name = self.config.select_metric
-            self.select_mode = self.config.select_mode or "max"
+            lower_is_better = self.select_name in ("loss", "mae") or self.select_name.endswith("loss")
+            self.select_mode = self.config.select_mode or ("min" if lower_is_better else "max")
         self.skipped_steps = 0
 
     # -- construction ---------------------------------------------------------------------------
