@@ -98,7 +98,8 @@ class Greedy(Method):
             for ps in modality_params(self.model, self.modalities):
                 with_grad = [p for p in ps if p.grad is not None]
                 if not with_grad:
-                    speeds.append(torch.zeros((), device=ps[0].device if ps else None))
+                    device = ps[0].device if ps else next(self.model.parameters()).device
+                    speeds.append(torch.zeros((), device=device))
                     continue
                 g = torch.stack(torch._foreach_norm([p.grad for p in with_grad])).square()
                 w = torch.stack(torch._foreach_norm([p.detach() for p in with_grad])).square().clamp_min(1e-12)

@@ -1,7 +1,9 @@
 """The training engine: one loop for every method, short enough to read top to bottom.
 
 * train / validation / test: the checkpoint and the learning-rate schedule are chosen on
-  validation only; test is evaluated once, on the selected checkpoint.
+  validation only; test is evaluated once, on the selected checkpoint. (Two methods also read
+  validation during training, as their papers' held-out set: G-Blending's weights and MSLR's
+  dynamic learning rates. Their validation numbers are then optimistic; test is untouched.)
 * per-step records of each method (B, L_gm, cosines, ...), copied to the host once per epoch;
   per-epoch validation metrics, including each method's own (e.g. the auxiliary classifiers').
 * checkpoints every ``checkpoint_every`` steps and at each epoch end, written atomically, with
