@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .plots import _plt, plot_records
+from .plots import _plt, plot_records, save_figure
 
 PREFIXES = ("eps/", "B/", "cos/", "L_gm")
 
@@ -129,12 +129,7 @@ def plot_sweep(result: dict[str, Any], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"imbalance sweep ({len(result['seeds'])} seeds, {result['epochs']} epochs; mean ± std)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # -- diagnose a trained model -----------------------------------------------------------------------
