@@ -133,7 +133,6 @@ class CGGM(Method):
         self._pending_state: Mapping[str, Any] | None = None
         self._B: Tensor | None = None
         self._stale: tuple[Tensor, list[Tensor], Tensor] | None = None  # weight mode: W_F, W_i, b of step t-1
-        self._snapshots: list[list[Tensor]] | None = None
         self._eval_sums: Tensor | None = None
 
     @classmethod
@@ -220,9 +219,7 @@ class CGGM(Method):
     # -- the step -------------------------------------------------------------------------------
     def _classify(self, out: ModelOutput, target: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Train the classifiers one step on detached features. Returns epsilon ``[M]`` (measured
-        before the update) and each classifier's last-layer gradient."""
-        if self.classifiers is None:
-            self._build_classifiers(out)
+        before the update) and each classifier's last-layer gradient. (``loss`` builds them first.)"""
         size = tuple(target.shape[-2:]) if self.task.kind == "segmentation" else None
         self.classifiers.train()
         self.classifier_opt.zero_grad(set_to_none=True)
