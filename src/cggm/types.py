@@ -18,6 +18,10 @@ from torch.nn import functional as F
 TaskKind = Literal["classification", "regression", "segmentation"]
 TASK_KINDS: tuple[str, ...] = ("classification", "regression", "segmentation")
 
+# class-weight tensors by (weights, device, dtype), shared by equal tasks: a loss call builds none
+# (no host-to-device copy per step), and Task keeps no tensor (equality, hashing, pickling unchanged)
+_WEIGHT_TENSORS: dict[tuple[tuple[float, ...], torch.device, torch.dtype], Tensor] = {}
+
 
 @dataclass
 class ModelOutput:
@@ -46,7 +50,8 @@ class Task:
     kind: ``classification``, ``regression`` or ``segmentation``.
     num_outputs: classes (classification, segmentation, background included) or regression
         outputs (usually 1).
-    class_weights: optional weights of the cross-entropy (classification and segmentation).
+    class_weights: optional weights of the cross-entropy (classification and segmentation), one per
+        class; stored as a tuple of floats.
     regression_metric: the higher-is-better metric epsilon used for regression classifiers:
         ``neg_mae`` (-MAE, the paper's MAE made higher-is-better) or ``sign_accuracy`` (what the
         official code uses on CMU-MOSI, with zero labels counted as negative).
@@ -65,6 +70,12 @@ class Task:
             raise ValueError(f"Task num_outputs must be >= 1, got {self.num_outputs}.")
         if self.kind in ("classification", "segmentation") and self.num_outputs < 2:
             raise ValueError(f"A {self.kind} task needs num_outputs >= 2 classes, got {self.num_outputs}.")
+        if self.class_weights is not None:
+            weights = tuple(float(w) for w in self.class_weights)
+            if len(weights) != self.num_outputs:
+                raise ValueError(f"Task class_weights has {len(weights)} values for {self.num_outputs} outputs; "
+                                 f"give one weight per class.")
+            object.__setattr__(self, "class_weights", weights)  # hashable, and equal whatever sequence it came as
         if self.regression_metric not in ("neg_mae", "sign_accuracy"):
             raise ValueError(
                 f"regression_metric must be 'neg_mae' or 'sign_accuracy', got {self.regression_metric!r}."
@@ -81,9 +92,16 @@ class Task:
         return soft_dice_loss(prediction, target) + self.dice_ce_weight * ce
 
     def _weights(self, prediction: Tensor) -> Tensor | None:
+        """The class weights on the prediction's device and dtype, built once per (device, dtype)."""
         if self.class_weights is None:
             return None
-        return torch.as_tensor(self.class_weights, dtype=prediction.dtype, device=prediction.device)
+        key = (self.class_weights, prediction.device, prediction.dtype)
+        weights = _WEIGHT_TENSORS.get(key)
+        if weights is None:
+            with torch.inference_mode(False):  # first built under inference_mode, it must still serve training
+                weights = torch.tensor(self.class_weights, dtype=prediction.dtype, device=prediction.device)
+            _WEIGHT_TENSORS[key] = weights
+        return weights
 
     # -- the classifier metric epsilon (higher is better) ---------------------------------------
     def batch_metric(self, prediction: Tensor, target: Tensor) -> Tensor:
