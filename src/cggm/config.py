@@ -10,11 +10,19 @@ A preset (``src/cggm/presets/<name>.yaml``) or a user file has four sections::
 
 Overrides are ``section.key=value`` strings (values parsed as YAML), e.g.
 ``method.options.rho=1.2`` or ``train.epochs=5``.
+
+Replacing the method (``load_config(method=...)``, ``cggm train --method``) keeps the configured
+options that the new method takes, and says on stderr (the ``cggm.config`` logger) what was
+replaced, kept and dropped: see :func:`carry_method_options`.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from importlib import resources
 from pathlib import Path
@@ -24,6 +32,8 @@ from ._optional import require
 from .training.trainer import TrainConfig
 
 SECTIONS = ("dataset", "model", "method", "train", "seed", "output_dir", "description")
+
+log = logging.getLogger(__name__)  # unconfigured, Python prints its warnings as plain lines on stderr
 
 
 class ConfigError(ValueError):
@@ -41,9 +51,11 @@ def list_presets() -> list[str]:
 
 def load_config(source: str | Path | None = None, preset: str | None = None,
                 overrides: list[str] | None = None, method: str | None = None) -> dict[str, Any]:
-    """A validated config dict from a preset name and/or a YAML file, then ``method`` (which
-    replaces the configured method *and its options*, since one method's options mean nothing to
-    another), then the overrides."""
+    """A validated config dict from a preset name and/or a YAML file, then ``method``, then the overrides.
+
+    ``method`` replaces the configured method; of the configured options, those the new method
+    takes are kept and the others dropped (:func:`carry_method_options`), and one line on the
+    ``cggm.config`` logger (stderr, unless logging is configured otherwise) says which."""
     cfg: dict[str, Any] = default_config()
     if preset is not None:
         if preset not in list_presets():
@@ -55,12 +67,184 @@ def load_config(source: str | Path | None = None, preset: str | None = None,
         if not path.is_file():
             raise ConfigError(f"Config file {path} does not exist.")
         cfg = merge(cfg, _parse(path.read_text(), str(path)))
-    if method is not None and method != cfg.get("method", {}).get("name"):
-        cfg["method"] = {"name": method, "options": {}}
+    if method is not None:
+        cfg, note = replace_method(cfg, method)
+        if note:
+            log.warning(note)
     for item in overrides or []:
         cfg = apply_override(cfg, item)
     validate(cfg)
     return cfg
+
+
+def replace_method(cfg: dict[str, Any], name: str) -> tuple[dict[str, Any], str | None]:
+    """``cfg`` with method ``name`` in place of the configured one, and a one-line note of what was
+    replaced, kept and dropped (``None`` when nothing changed or no option was configured).
+    The configured options that ``name`` takes are kept; see :func:`carry_method_options`."""
+    section = cfg.get("method")
+    old = section.get("name") if isinstance(section, dict) else None
+    if old == name:
+        return cfg, None
+    options = section.get("options") if isinstance(section, dict) else None
+    if options is not None and not isinstance(options, dict):
+        raise ConfigError(f"method.options must be a mapping, got {type(options).__name__}.")
+    kept, dropped = carry_method_options(str(old), options or {}, name)
+    out = copy.deepcopy(cfg)
+    out["method"] = {"name": name, "options": kept}
+    note = describe_method_change(str(old), name, options, dropped) if options else None
+    return out, note
+
+
+def carry_method_options(old: str, options: Mapping[str, Any], new: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Which options of method ``old`` method ``new`` runs with: ``(kept, {dropped: why})``.
+
+    An option is kept when ``new`` takes it (its registered factory's signature, resolved through
+    ``functools.partial`` and a classmethod that forwards ``**kwargs`` to its class) and ``new`` is
+    a variant of the same method (e.g. ``cggm`` -> ``cggm_official``: the same class). It is
+    dropped when ``new`` does not take it, when ``new`` sets it itself (the keywords of a
+    ``partial`` such as ``cggm_magnitude``'s ``lam=0``, or what a classmethod such as
+    ``CGGM.official`` passes to its class: the variant is defined by them), or when ``new`` is
+    another method, whose option of the same name may mean something else (``lam`` of ``cggm`` is
+    not ``lam`` of ``umt``)."""
+    from .methods import METHODS
+
+    if new not in METHODS:
+        raise ConfigError(f"Unknown method {new!r}. Known methods: {', '.join(sorted(METHODS))}.")
+    takes, sets = factory_options(METHODS[new])
+    related = same_method(old, new)
+    kept, dropped = {}, {}
+    for key, value in options.items():
+        if key in sets:
+            dropped[key] = f"{new} sets it itself"
+        elif takes is not None and key not in takes:
+            dropped[key] = f"not an option of {new}"
+        elif not related:
+            dropped[key] = f"{new} is not a variant of {old}"
+        else:
+            kept[key] = copy.deepcopy(value)
+    return kept, dropped
+
+
+def describe_method_change(old: str, new: str, options: Mapping[str, Any], dropped: Mapping[str, str]) -> str:
+    """One line: ``method A replaced by B: kept its options k=v, ...; dropped k=v (why), ...``."""
+    kept = [f"{k}={v}" for k, v in options.items() if k not in dropped]
+    text = f"method {old} replaced by {new}: " + (f"kept its options {', '.join(kept)}" if kept
+                                                  else "kept none of its options")
+    if dropped:
+        text += ("; dropped " + ", ".join(f"{k}={options[k]} ({why})" for k, why in dropped.items())
+                 + f"; set an option of {new} with method.options.KEY=VALUE")
+    return text
+
+
+def factory_options(factory: Callable[..., Any]) -> tuple[frozenset[str] | None, frozenset[str]]:
+    """``(takes, sets)`` of a method factory: the keyword options it takes (``None`` if it takes any:
+    a ``**kwargs`` that cannot be resolved), and those it sets itself, which define it as a variant
+    (the keywords of a ``partial``; what a classmethod passes to its class beyond the class's
+    defaults). ``sets`` is not part of ``takes``."""
+    if isinstance(factory, functools.partial):
+        takes, sets = factory_options(factory.func)
+        bound = set(factory.keywords) | set(_positional_names(factory.func)[:len(factory.args)])
+        sets = sets | set(factory.keywords)
+        return (None if takes is None else frozenset(takes - bound - sets)), frozenset(sets)
+    if isinstance(factory, type):
+        return _class_options(factory), frozenset()
+    owner = getattr(factory, "__self__", None)
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None, frozenset()
+    own = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        return frozenset(own), frozenset()
+    if not isinstance(owner, type):  # a function taking **kwargs: it may take anything
+        return None, frozenset()
+    # a classmethod forwarding **kwargs to its class (e.g. CGGM.official)
+    class_takes = _class_options(owner)
+    sets = frozenset(_classmethod_sets(factory, owner) - own)
+    takes = None if class_takes is None else frozenset((own | class_takes) - sets)
+    return takes, sets
+
+
+def method_class(factory: Callable[..., Any]) -> type | None:
+    """The class a method factory builds: the class itself, a ``partial``'s, or a classmethod's."""
+    if isinstance(factory, functools.partial):
+        return method_class(factory.func)
+    if isinstance(factory, type):
+        return factory
+    owner = getattr(factory, "__self__", None)
+    return owner if isinstance(owner, type) else None
+
+
+def same_method(a: str, b: str) -> bool:
+    """Whether registered methods ``a`` and ``b`` are variants of one method: they build the same
+    class (``cggm``, ``cggm_official``), or one a subclass of the other (``ogm`` of ``ogm_ge``);
+    not two methods that merely share the :class:`~cggm.methods.Method` base (``joint``). A
+    method whose class cannot be told (an unregistered name, a plain function) counts as related,
+    so that its options are judged by name alone."""
+    from .methods import METHODS
+    from .methods.base import Method
+
+    ca = method_class(METHODS[a]) if a in METHODS else None
+    cb = method_class(METHODS[b]) if b in METHODS else None
+    if ca is None or cb is None or ca is cb:
+        return True
+    return Method not in (ca, cb) and (issubclass(ca, cb) or issubclass(cb, ca))
+
+
+def _positional_names(fn: Callable[..., Any]) -> list[str]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _class_options(cls: type) -> frozenset[str] | None:
+    """Keyword options of ``cls(...)``, following ``**kwargs`` up the ``__init__`` chain."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        if klass is object:
+            return frozenset(names)
+        try:
+            params = list(inspect.signature(init).parameters.values())[1:]  # without self
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return frozenset(names)
+    return frozenset(names)
+
+
+def _classmethod_sets(factory: Callable[..., Any], owner: type) -> set[str]:
+    """The options a classmethod passes to its class with values other than the class's defaults,
+    found by calling it with a stand-in that records the call (nothing is built)."""
+    func = getattr(factory, "__func__", None)
+    calls: list[dict[str, Any]] = []
+    if func is None:
+        return set()
+    try:
+        func(lambda *args, **kwargs: calls.append(kwargs))
+    except Exception:  # it does more than forward: nothing can be said about it
+        return set()
+    if len(calls) != 1:
+        return set()
+    try:
+        defaults = {name: p.default for name, p in inspect.signature(owner).parameters.items()}
+    except (TypeError, ValueError):
+        return set()
+    out = set()
+    for key, value in calls[0].items():
+        default = defaults.get(key, inspect.Parameter.empty)
+        try:
+            same = default is not inspect.Parameter.empty and bool(default == value)
+        except Exception:
+            same = False
+        if not same:
+            out.add(key)
+    return out
 
 
 def default_config() -> dict[str, Any]:

@@ -1,0 +1,82 @@
+"""Results that must not be silently wrong: a replaced method keeps the options it takes (and says
+so), a benchmark gives each method its options, skips only refused settings, and reports mean Dice
+for segmentation."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from cggm.config import load_config
+
+# the method options of src/cggm/presets/mosi.yaml, as written there
+MOSI_CGGM = {"rho": 1.3, "lam": 0.2, "classifier_lr": 0.0005, "classifier_optimizer": "adam", "classifier_layers": 2}
+TINY = ["dataset.options={dim: 4, n_train: 32, n_val: 16, n_test: 16}",
+        "model.options={feature_dim: 4, hidden: 8, head_hidden: 8}", "train.epochs=1", "train.batch_size=16"]
+
+
+# -- 1. replacing the method keeps the options the new method takes -----------------------------------
+def test_method_replacement_keeps_the_options_the_new_method_takes(caplog):
+    with caplog.at_level(logging.WARNING, logger="cggm.config"):
+        cfg = load_config(preset="mosi", method="cggm_official")
+    assert cfg["method"] == {"name": "cggm_official", "options": MOSI_CGGM}
+    [note] = [r.getMessage() for r in caplog.records if r.name == "cggm.config"]
+    assert note.startswith("method cggm replaced by cggm_official: kept its options rho=1.3, lam=0.2")
+    assert "classifier_layers=2" in note and "dropped" not in note
+
+
+def test_method_replacement_drops_what_a_variant_sets_itself_and_says_so(caplog, tmp_path):
+    # cggm_magnitude is partial(CGGM, lam=0.0, direction="off"): the preset's lam=0.2 is not its lam
+    with caplog.at_level(logging.WARNING, logger="cggm.config"):
+        cfg = load_config(preset="mosi", method="cggm_magnitude")
+    assert cfg["method"]["options"] == {k: v for k, v in MOSI_CGGM.items() if k != "lam"}
+    assert "dropped lam=0.2 (cggm_magnitude sets it itself)" in caplog.text
+    # cggm_official is a classmethod forwarding **kwargs to CGGM and choosing direction="weight" itself
+    path = tmp_path / "run.yaml"
+    path.write_text("method: {name: cggm, options: {rho: 1.1, direction: gradient, classifier_layers: 3}}\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cggm.config"):
+        cfg = load_config(path, method="cggm_official")
+    assert cfg["method"]["options"] == {"rho": 1.1, "classifier_layers": 3}
+    assert "dropped direction=gradient (cggm_official sets it itself)" in caplog.text
+    # an override after the replacement still sets any option of the new method
+    cfg = load_config(path, method="cggm_official", overrides=["method.options.direction=gradient"])
+    assert cfg["method"]["options"]["direction"] == "gradient"
+
+
+def test_method_replacement_does_not_carry_an_option_to_another_method(caplog, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("method: {name: ogm_ge, options: {alpha: 0.5, noise: false}}\n")
+    with caplog.at_level(logging.WARNING, logger="cggm.config"):
+        assert load_config(path, method="ogm")["method"]["options"] == {"alpha": 0.5}  # ogm is OGM-GE without noise
+    assert "dropped noise=False (not an option of ogm)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cggm.config"):
+        # UMT has a `lam` too (its distillation weight): CGGM's lam=0.2 must not become it
+        assert load_config(preset="mosi", method="umt")["method"]["options"] == {}
+    assert "lam=0.2 (umt is not a variant of cggm)" in caplog.text
+
+
+def test_cggm_train_with_another_method_keeps_and_reports_the_options(tmp_path):
+    """The real command line: the configured CGGM options reach cggm_official, one stderr line says so."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("method: {name: cggm, options: {rho: 1.2, classifier_layers: 2}}\n")
+    out = tmp_path / "run"
+    script = Path(sys.executable).parent / "cggm"  # the installed entry point, as a user runs it
+    entry = [str(script)] if script.is_file() else [sys.executable, "-m", "cggm"]
+    cli = [*entry, "train", "--preset", "synthetic", "--config", str(cfg), "--method",
+           "cggm_official", "--quiet", "--device", "cpu", "--output", str(out)]
+    for item in TINY:
+        cli += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "replaced by" in ln]
+    assert lines == ["method cggm replaced by cggm_official: kept its options rho=1.2, lam=0.2, classifier_layers=2"]
+    import yaml
+
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["method"] == {"name": "cggm_official", "options": {"rho": 1.2, "lam": 0.2, "classifier_layers": 2}}
