@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cggm import runner
 from cggm.config import load_config
 
 # the method options of src/cggm/presets/mosi.yaml, as written there
@@ -80,3 +81,31 @@ def test_cggm_train_with_another_method_keeps_and_reports_the_options(tmp_path):
 
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["method"] == {"name": "cggm_official", "options": {"rho": 1.2, "lam": 0.2, "classifier_layers": 2}}
+
+
+class _Result:
+    test = {"loss": 0.5, "accuracy": 0.5}
+    val = {"loss": 0.5, "accuracy": 0.5}
+    best_epoch, seconds_per_epoch, skipped_steps = 0, 0.1, 0
+
+
+def test_bench_runs_variants_with_the_configured_options_and_others_with_their_defaults(monkeypatch):
+    ran = []
+
+    def fake_run(run_cfg, data=None, **_):
+        ran.append((run_cfg["method"]["name"], run_cfg["method"]["options"]))
+        return _Result(), None
+
+    monkeypatch.setattr(runner, "run_config", fake_run)
+    cfg = load_config(overrides=TINY + ["method.name=cggm", "method.options={rho: 1.1, lam: 0.3, classifier_layers: 2}"])
+    lines: list[str] = []
+    runner.bench(cfg, ["cggm", "cggm_official", "cggm_magnitude", "umt", "agm"], [0],
+                 method_options={"agm": {"alpha": 0.2}}, log=lines.append)
+    assert dict(ran) == {"cggm": {"rho": 1.1, "lam": 0.3, "classifier_layers": 2},
+                         "cggm_official": {"rho": 1.1, "lam": 0.3, "classifier_layers": 2},
+                         "cggm_magnitude": {"rho": 1.1, "classifier_layers": 2},
+                         "umt": {}, "agm": {"alpha": 0.2}}
+    text = "\n".join(lines)
+    assert "cggm_magnitude: cggm's options rho=1.1, classifier_layers=2; not lam=0.3 (cggm_magnitude sets it itself)" \
+        in text
+    assert "umt: its own default options" in text

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, train_config
+from .config import ConfigError, carry_method_options, same_method, train_config
 from .data.registry import load_dataset
 from .methods.registry import build_method, list_methods
 from .models.factory import build_model
@@ -81,27 +81,84 @@ def t_crit(n: int) -> float:
             + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
 
 
+def comparison_options(cfg: dict[str, Any], methods: Sequence[str],
+                       method_options: dict[str, dict] | None = None) -> tuple[dict[str, dict], list[str]]:
+    """The options each method runs with when methods are compared on ``cfg``, and lines that say
+    where they come from.
+
+    A comparison keeps everything but the method the same: data, model, seeds and training budget
+    come from ``cfg``. Method options are per method:
+
+    * the configured method (``cfg["method"]["name"]``) runs with its configured options;
+    * a variant of it (the same method class: ``cggm`` -> ``cggm_official``, ``cggm_paper``, ...)
+      runs with those of the configured options it takes and does not set itself
+      (:func:`cggm.config.carry_method_options`), e.g. a preset's CGGM classifier settings;
+    * any other method runs with its own defaults: an option of the same name may mean something
+      else there (``lam`` of ``cggm`` and of ``umt``);
+    * ``method_options[name]``, if given, is applied on top and wins.
+    """
+    section = cfg.get("method") or {}
+    base, configured = str(section.get("name")), dict(section.get("options") or {})
+    fmt = lambda d: ", ".join(f"{k}={v}" for k, v in d.items())  # noqa: E731
+    out: dict[str, dict] = {}
+    notes: list[str] = []
+    defaults: list[str] = []
+    for name in dict.fromkeys(methods):
+        given = dict((method_options or {}).get(name) or {})
+        if name == base:
+            kept, dropped = dict(configured), {}
+        elif configured and same_method(base, name):
+            kept, dropped = carry_method_options(base, configured, name)
+        else:
+            kept, dropped = {}, {}
+            if not given:
+                defaults.append(name)
+        out[name] = {**kept, **given}
+        parts = []
+        if kept or dropped:
+            parts.append(f"the configured options {fmt(kept)}" if name == base
+                         else f"{base}'s options {fmt(kept) if kept else '(none it takes)'}")
+        if dropped:
+            parts.append("not " + ", ".join(f"{k}={configured[k]} ({why})" for k, why in dropped.items()))
+        if given:
+            parts.append(f"given {fmt(given)}")
+        if parts:
+            notes.append(f"{name}: " + "; ".join(parts))
+    if configured and defaults:
+        notes.append(f"{', '.join(defaults)}: {'its' if len(defaults) == 1 else 'their'} own default options "
+                     f"({base}'s options are for {base} and its variants)")
+    return out, notes
+
+
 def bench(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[int], method_options: dict[str, dict] | None = None,
           output: str | Path | None = None, progress: bool = False, log=print) -> dict[str, Any]:
     """Every method x seed on the configured dataset and model, same budget. Returns (and writes
-    to ``output`` as JSON) every run's metrics and per-method summaries."""
+    to ``output`` as JSON) every run's metrics (with the options it ran with) and per-method summaries.
+
+    Same data, model, seeds and training budget for every method; method options are per method,
+    as :func:`comparison_options` says: the configured method and its variants run with the
+    configured options they take, other methods with their own defaults, ``method_options[name]``
+    on top. ``log`` receives one line per method whose options are not simply its defaults."""
     data = load_data(cfg)
+    options, notes = comparison_options(cfg, methods, method_options)
+    for line in notes:
+        log(f"  options of {line}")
     runs = []
     for name in methods:
         for seed in seeds:
-            run_cfg = {**cfg, "method": {"name": name, "options": (method_options or {}).get(name, {})},
+            run_cfg = {**cfg, "method": {"name": name, "options": options[name]},
                        "train": {**cfg.get("train", {}), "seed": int(seed)}}
             result, _ = run_config(run_cfg, data=data, progress=progress)
-            runs.append({"method": name, "seed": int(seed), "test": result.test, "val": result.val,
-                         "best_epoch": result.best_epoch, "seconds_per_epoch": result.seconds_per_epoch,
-                         "skipped_steps": result.skipped_steps})
+            runs.append({"method": name, "options": options[name], "seed": int(seed), "test": result.test,
+                         "val": result.val, "best_epoch": result.best_epoch,
+                         "seconds_per_epoch": result.seconds_per_epoch, "skipped_steps": result.skipped_steps})
             log(f"  {name:<16} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.test.items()
                                                           if k in _headline(data.task)))
     metric_names = [k for k in runs[0]["test"] if k != "loss"] if runs else []
     summary = {name: {k: summarize([r["test"].get(k, float("nan")) for r in runs if r["method"] == name])
                       for k in metric_names} for name in methods}
     report = {"dataset": data.name, "description": data.description, "task": data.task.kind, "methods": list(methods),
-              "seeds": list(seeds), "config": cfg, "runs": runs, "summary": summary}
+              "seeds": list(seeds), "config": cfg, "method_options": options, "runs": runs, "summary": summary}
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(report, indent=1, default=float))
