@@ -5,13 +5,21 @@ for segmentation."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from cggm import runner
 from cggm.config import load_config
+from cggm.data import DataSplits, MultimodalDataset
+from cggm.data.registry import DATASETS
+from cggm.report import HEADLINE, run_benchmark
+from cggm.types import Task
 
 # the method options of src/cggm/presets/mosi.yaml, as written there
 MOSI_CGGM = {"rho": 1.3, "lam": 0.2, "classifier_lr": 0.0005, "classifier_optimizer": "adam", "classifier_layers": 2}
@@ -109,3 +117,30 @@ def test_bench_runs_variants_with_the_configured_options_and_others_with_their_d
     assert "cggm_magnitude: cggm's options rho=1.1, classifier_layers=2; not lam=0.3 (cggm_magnitude sets it itself)" \
         in text
     assert "umt: its own default options" in text
+
+
+# -- 3. segmentation's headline is mean Dice --------------------------------------------------------
+def _tiny_segmentation(seed: int = 0) -> DataSplits:
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n):
+        target = torch.randint(0, 3, (n, 12, 12), generator=g)
+        inputs = {m: target[:, None].float() + 0.5 * torch.randn(n, 1, 12, 12, generator=g) for m in ("a", "b")}
+        return MultimodalDataset(inputs, target, source="tiny_seg")
+
+    return DataSplits("tiny_seg", Task("segmentation", 3), split(16), split(8), split(8), "tiny segmentation")
+
+
+def test_segmentation_reports_mean_dice(monkeypatch):
+    monkeypatch.setitem(DATASETS, "tiny_seg", lambda: _tiny_segmentation())
+    cfg = load_config(overrides=["dataset.name=tiny_seg", "model.arch=paper_seg", "model.options={width: 4}",
+                                 "train.epochs=1", "train.batch_size=8"])
+    res = run_benchmark(cfg, ["tiny_seg"], ["joint"], [0], log=lambda _: None)
+    entry = res["datasets"][0]
+    assert entry["skipped"] == {}
+    [run] = entry["runs"]
+    assert run["metric"] == "dice_mean" and run["test"] == run["test_all"]["dice_mean"]
+    assert 0.0 <= run["test"] <= 1.0 and run["removal_full"] == pytest.approx(run["test"])
+    assert all(math.isnan(v) for v in run["probe"].values())  # maps are not linearly probed
+    assert entry["summary"]["joint"]["metric"] == "dice_mean"
+    assert HEADLINE["segmentation"] == ("dice_mean", "max")  # higher is better: a removal drop is full - without

@@ -2,10 +2,13 @@
 
 For every run (one dataset, one method, one seed, the same model and budget) it records:
 
-* the test metric of the checkpoint selected on validation (``accuracy`` for classification);
+* the test metric of the checkpoint selected on validation, per task (:data:`HEADLINE`):
+  ``accuracy`` for classification, ``mae`` for regression, ``dice_mean`` (mean Dice over the
+  foreground classes) for segmentation;
 * **probe**: a linear probe of each modality's encoder (fitted on frozen training features,
   scored on test; :func:`cggm.diagnostics.probe.probe_encoders`). It measures what the encoder
-  learned, whatever the head does with it;
+  learned, whatever the head does with it. Segmentation features are maps, not vectors: they are
+  not probed (NaN, shown as —);
 * **removal drop**: the fused test metric minus the metric when one modality's input is replaced
   by its *training mean* at test time (every sample gets the mean input; with standardised
   features that is ~0). A large drop means the model relies on that modality; ~0 means it ignores
@@ -44,7 +47,8 @@ from .methods.base import UnsupportedSettingError
 from .metrics.tracker import MetricTracker
 from .runner import build_trainer, summarize
 
-HEADLINE = {"classification": ("accuracy", "max"), "regression": ("mae", "min")}
+#: the metric a report shows per task kind, and whether higher (``max``) or lower (``min``) is better
+HEADLINE = {"classification": ("accuracy", "max"), "regression": ("mae", "min"), "segmentation": ("dice_mean", "max")}
 
 
 # -- one run ----------------------------------------------------------------------------------------
@@ -88,7 +92,7 @@ def removal_drops(model, method, data: DataSplits, metric: str) -> tuple[float, 
     its training mean (positive = the model uses it; for an error metric the sign is flipped so
     that positive still means "worse without it")."""
     full = evaluate_with(model, method, data)[metric]
-    sign = 1.0 if HEADLINE.get(data.task.kind, ("", "max"))[1] == "max" else -1.0
+    sign = 1.0 if HEADLINE[data.task.kind][1] == "max" else -1.0
     drops = {}
     for m in data.modalities:
         mean = data.train.inputs[m].float().mean(0, keepdim=True)
@@ -114,7 +118,10 @@ def run_one(cfg, data: DataSplits, label: str, method: str, options: dict | None
     metric = HEADLINE[data.task.kind][0]
     result, model, bound = train_one(cfg, data, method, options, seed)
     full, drops = removal_drops(model, bound, data, metric)
-    probes = probe_encoders(model, data.train, data.test, data.task)
+    if data.task.kind == "segmentation":  # a linear probe reads vectors; these features are maps
+        probes = {m: float("nan") for m in data.modalities}
+    else:
+        probes = probe_encoders(model, data.train, data.test, data.task)
     if method == "unimodal":  # the other encoders only ever saw zeros: their probe means nothing
         keep = (options or {}).get("modality")
         probes = {m: (v if m == keep else float("nan")) for m, v in probes.items()}
