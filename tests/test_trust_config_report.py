@@ -18,6 +18,8 @@ from cggm import runner
 from cggm.config import load_config
 from cggm.data import DataSplits, MultimodalDataset
 from cggm.data.registry import DATASETS
+from cggm.methods import Method, Support
+from cggm.methods.registry import METHODS
 from cggm.report import HEADLINE, run_benchmark
 from cggm.types import Task
 
@@ -117,6 +119,32 @@ def test_bench_runs_variants_with_the_configured_options_and_others_with_their_d
     assert "cggm_magnitude: cggm's options rho=1.1, classifier_layers=2; not lam=0.3 (cggm_magnitude sets it itself)" \
         in text
     assert "umt: its own default options" in text
+
+
+# -- 2. a benchmark skips a refused setting, and nothing else ------------------------------------------
+class _RegressionOnly(Method):
+    name = "regression_only"
+    support = Support(tasks=("regression",))
+
+
+class _Buggy(Method):
+    name = "buggy"
+
+    def setup(self) -> None:
+        raise TypeError("a bug in the method")
+
+
+def test_run_benchmark_skips_only_unsupported_settings(monkeypatch):
+    monkeypatch.setitem(METHODS, "regression_only", _RegressionOnly)
+    monkeypatch.setitem(METHODS, "buggy", _Buggy)
+    cfg = load_config(overrides=TINY)
+    res = run_benchmark(cfg, ["synthetic"], ["regression_only", "joint"], [0], log=lambda _: None)
+    entry = res["datasets"][0]
+    assert entry["skipped"] == {"regression_only": "UnsupportedSettingError: Method 'regression_only' supports "
+                                                   "tasks ['regression'], not 'classification'."}
+    assert [r["label"] for r in entry["runs"]] == ["joint"]
+    with pytest.raises(TypeError, match="a bug in the method"):
+        run_benchmark(cfg, ["synthetic"], ["joint", "buggy"], [0], log=lambda _: None)
 
 
 # -- 3. segmentation's headline is mean Dice --------------------------------------------------------
