@@ -65,12 +65,12 @@ def test_regression_task_metrics():
 
 
 def test_gradient_edits_are_checked_and_clipped(data):
-    """after_backward runs before the engine's finite check and clipping."""
+    """edit_gradients (in method.backward) runs before the engine's finite check and clipping."""
     from cggm.methods import Method
     from cggm.training import NonFiniteError
 
     class Blows(Method):
-        def after_backward(self):
+        def edit_gradients(self):
             for p in self.model.parameters():
                 p.grad.mul_(1e6)
             if self.global_step == 2:

@@ -68,8 +68,8 @@ def _cases(files: Path):
         "non-numeric lr": ([*base, "--set", "train.lr=fast"], "lr must be a number, got 'fast'"),
         "unknown optimizer": ([*base, "--set", "train.optimizer=adagrad"], "optimizer must be adam, adamw or sgd, got 'adagrad'"),
         "unknown on_nonfinite": ([*base, "--set", "train.on_nonfinite=ignore"], "on_nonfinite must be stop or skip"),
-        "rho <= 0": ([*base, "--set", "method.options.rho=0"], "CGGM rho must be > 0, got 0"),
-        "lambda < 0": ([*base, "--set", "method.options.lam=-0.5"], "CGGM lam (lambda) must be >= 0, got -0.5"),
+        "rho <= 0": ([*base, "--set", "method.options.rho=0"], "CGGM rho must be a finite number > 0, got 0"),
+        "lambda < 0": ([*base, "--set", "method.options.lam=-0.5"], "CGGM lam (lambda) must be a finite number >= 0, got -0.5"),
         "too many modalities for the method": (
             [*base, "--method", "agm", "--set", "method.options={}", "--set", "dataset.options.num_modalities=7"],
             "Method 'agm' supports 2 to 6 modalities, got 7"),
@@ -152,9 +152,9 @@ def test_api_corrupt_mosi_pickle(files):
 def test_api_unknown_method_and_bad_cggm_options():
     with pytest.raises(ValueError, match="Unknown method 'nosuch'. Known methods: .*cggm"):
         build_method("nosuch")
-    with pytest.raises(ValueError, match="rho must be > 0, got -1"):
+    with pytest.raises(ValueError, match="rho must be a finite number > 0, got -1"):
         build_method("cggm", rho=-1)
-    with pytest.raises(ValueError, match=r"lam \(lambda\) must be >= 0, got -0.1"):
+    with pytest.raises(ValueError, match=r"lam \(lambda\) must be a finite number >= 0, got -0.1"):
         build_method("cggm", lam=-0.1)
 
 

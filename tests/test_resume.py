@@ -37,14 +37,14 @@ def _trainer(out, method, crash_at=None, dropout=0.1, **cfg):
     model = build_model("mlp", data.input_shapes, data.task, feature_dim=8, hidden=16, head_hidden=16,
                         dropout=dropout)
     if crash_at is not None:  # dies just before optimizer step `crash_at`
-        update = method.apply_update  # what the engine calls to step the optimizer
+        update = method.update  # what method.step calls around the optimizer step
 
-        def crashing_update(optimizer):
+        def crashing_update(take_step):
             if method.global_step == crash_at:
                 raise Crash(f"crash at step {crash_at}")
-            update(optimizer)
+            return update(take_step)
 
-        method.apply_update = crashing_update
+        method.update = crashing_update
     options = dict(epochs=3, batch_size=16, checkpoint_every=7, progress=False, scheduler="cosine", seed=0)
     options.update(cfg)
     return Trainer(model, method, data, TrainConfig(**options), output_dir=out,
@@ -275,15 +275,17 @@ class NonFiniteAt(Method):
     def __init__(self, steps, where="loss"):
         super().__init__()
         self.bad, self.where = set(steps), where
+        self.attempt = -1  # steps attempted (global_step counts the steps taken)
 
-    def loss(self, out, target, task_loss):
-        if self.where == "loss" and self.global_step in self.bad:
+    def compute_loss(self, out, target, task_loss):
+        self.attempt += 1
+        if self.where == "loss" and self.attempt in self.bad:
             return task_loss * float("nan")
         return task_loss
 
-    def backward(self, loss):
+    def compute_gradients(self, loss):
         loss.backward()
-        if self.where == "gradient" and self.global_step in self.bad:
+        if self.where == "gradient" and self.attempt in self.bad:
             next(self.model.parameters()).grad[0, 0] = float("inf")
 
 
@@ -305,10 +307,10 @@ def test_skip_mode_skips_and_counts_non_finite_steps(tmp_path):
     method = NonFiniteAt([3, 7], "loss")
     trainer = _trainer(None, method, dropout=0.0, epochs=1, scheduler="none", on_nonfinite="skip")
     seen = {}
-    update = method.apply_update  # what the engine calls to step the optimizer
-    method.apply_update = lambda opt: (seen.setdefault(method.global_step, True), update(opt))
+    update = method.update  # what method.step calls around the optimizer step
+    method.update = lambda take_step: (seen.setdefault(method.attempt, True), update(take_step))[1]
     result = trainer.fit()
-    assert result.skipped_steps == 2 and method.global_step == 10
+    assert result.skipped_steps == 2 and method.attempt == 9 and method.global_step == 8
     assert sorted(seen) == [0, 1, 2, 4, 5, 6, 8, 9]  # the optimizer never stepped on 3 and 7
     assert all(torch.isfinite(v).all() for v in result.extra["final_weights"].values())
     assert result.extra["final_weights"].keys() == clean.extra["final_weights"].keys()

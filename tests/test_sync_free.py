@@ -16,8 +16,8 @@ FORBIDDEN = ["item", "tolist", "cpu", "numpy", "__float__", "__bool__", "__int__
 def test_cggm_step_has_no_host_sync(options, monkeypatch):
     task = Task("classification", 3)
     model = build_model("mlp", {"a": (5,), "b": (6,), "c": (4,)}, task)
-    method = CGGM(**options).bind(model, task)
     opt = torch.optim.Adam(model.parameters())
+    method = CGGM(**options).bind(model, task, optimizer=opt)
     x = {"a": torch.randn(8, 5), "b": torch.randn(8, 6), "c": torch.randn(8, 4)}
     y = torch.randint(0, 3, (8,))
 

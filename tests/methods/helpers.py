@@ -42,9 +42,9 @@ def make_optimizer(model, method, lr: float = 1e-2, kind: str = "adam"):
     groups = method.param_groups(model)
     for g in groups:
         g["lr"] = lr * float(g.pop("lr_scale", 1.0))
-    if kind == "sgd":
-        return torch.optim.SGD(groups, lr=lr)
-    return torch.optim.Adam(groups, lr=lr)
+    opt = torch.optim.SGD(groups, lr=lr) if kind == "sgd" else torch.optim.Adam(groups, lr=lr)
+    method.set_optimizer(opt)
+    return opt
 
 
 def context(data, model, epoch: int = 0, epochs: int = 3, batch_size: int = 32) -> EpochContext:

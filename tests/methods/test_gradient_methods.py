@@ -19,9 +19,10 @@ def _grads_after(model, method, inputs, masks, target):
     out = model(inputs, masks)
     loss = method.loss(out, target, method.task.loss(out.prediction, target))
     model.zero_grad(set_to_none=True)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    plain = {id(p): g for p, g in zip(params, grads) if g is not None}  # before the method's edits
     method.backward(loss)
-    plain = {id(p): p.grad.clone() for p in model.parameters() if p.grad is not None}
-    method.after_backward()
     return plain
 
 

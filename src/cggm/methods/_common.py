@@ -34,12 +34,15 @@ class UniHead(nn.Module):
             self.layer = nn.Conv2d(feature.shape[1], num_outputs, 1)
         else:
             raise UnsupportedSettingError(f"No unimodal head for features of shape {tuple(feature.shape)}.")
-        self.to(device=feature.device, dtype=feature.dtype if feature.is_floating_point() else None)
+        # fp32 master weights whatever the features' dtype (bf16 / fp16 under autocast): autocast
+        # runs the layer in low precision, the optimizer updates fp32 weights
+        self.to(device=feature.device)
 
     def forward(self, h: Tensor, mask: Tensor | None = None, size: tuple[int, int] | None = None) -> Tensor:
+        dtype = self.layer.weight.dtype
         if not self.map:
-            return self.layer(pool(h, mask))
-        out = self.layer(h)
+            return self.layer(pool(h, mask).to(dtype))
+        out = self.layer(h.to(dtype))
         if size is not None and tuple(out.shape[-2:]) != tuple(size):
             out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
         return out
@@ -49,8 +52,8 @@ class HeadMethod(Method):
     """Base for methods with one method-owned unimodal head per modality.
 
     The heads are built lazily on the first batch, on the features' device, and trained by their
-    own Adam optimizer (``head_lr``), stepped right after the model's optimizer (gradients averaged
-    across DDP ranks first). Whether their loss reaches the encoders is up to the subclass (it
+    own Adam optimizer (``head_lr``), stepped when the model's step is taken (:meth:`commit`,
+    gradients averaged across DDP ranks first); a skipped step leaves them untouched. Whether their loss reaches the encoders is up to the subclass (it
     passes detached or live features to :meth:`uni_logits`).
     """
 
@@ -97,16 +100,21 @@ class HeadMethod(Method):
         if self.head_opt is not None:
             self.head_opt.zero_grad(set_to_none=True)
 
-    def step_heads(self) -> None:
+    def commit(self, scaler=None) -> None:
+        """The model's step was taken: step the heads on the gradients the backward pass gave them
+        (averaged across DDP ranks; through the GradScaler when the loss was scaled)."""
         if self.head_opt is None:
             return
         distributed.average_gradients(self.heads.parameters())
-        self.head_opt.step()
+        has_grad = any(p.grad is not None for p in self.heads.parameters())
+        if scaler is not None and has_grad:
+            scaler.step(self.head_opt)
+        elif has_grad:
+            self.head_opt.step()
         self.head_opt.zero_grad(set_to_none=True)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.step()
-        self.step_heads()
+    def discard(self) -> None:
+        self.zero_head_grads()
 
     def modules(self) -> Mapping[str, nn.Module]:
         return {} if self.heads is None else {"heads": self.heads}
@@ -147,23 +155,6 @@ def others_mean(x: Tensor) -> Tensor:
     """For a ``[M]`` vector, the mean over the other entries of each entry."""
     m = x.shape[0]
     return (x.sum() - x) / (m - 1)
-
-
-def modality_params(model: nn.Module, modalities: Sequence[str]) -> list[list[nn.Parameter]]:
-    """Each modality's trainable encoder parameters, in ``modalities`` order."""
-    if not hasattr(model, "modality_parameters"):
-        raise UnsupportedSettingError("This method needs a model that declares modality_parameters().")
-    groups = model.modality_parameters()
-    return [[p for p in groups[m] if p.requires_grad] for m in modalities]
-
-
-def scale_hook(k: Tensor):
-    """A tensor hook that multiplies the incoming gradient by ``k`` (a 0-d tensor)."""
-
-    def hook(grad: Tensor) -> Tensor:
-        return grad * k.to(grad.dtype)
-
-    return hook
 
 
 def in_window(epoch: int, start: int, end: int | None) -> bool:

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from .. import distributed
 from ..types import ModelOutput
-from ._common import in_window, predict_only, scale_hook
+from ._common import in_window, predict_only
 from .base import Method, Support
 from .registry import register_method
 
@@ -99,8 +99,9 @@ class AGM(Method):
         self.start_epoch, self.end_epoch = int(start_epoch), end_epoch
         self.running: Tensor | None = None
         self.count = 0
+        self._staged_scores: list[Tensor] = []
 
-    def loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
+    def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         M = len(self.modalities)
         with torch.no_grad():
             feats = [h.detach() for h in out.features]
@@ -112,17 +113,25 @@ class AGM(Method):
             scores = distributed.weighted_mean(scores, target.shape[0])
             running = torch.zeros_like(scores) if self.running is None else self.running.to(scores.device)
             r, eta, k = agm_coefficients(scores, running, self.alpha, self.clamp)
-            self.count += 1
-            self.running = running * (self.count - 1) / self.count + scores / self.count
+        self._staged_scores.append(scores)
         for i, m in enumerate(self.modalities):
             self.record(f"k/{m}", k[i])
             self.record(f"r/{m}", r[i])
             self.record(f"score/{m}", scores[i])
         if in_window(self.epoch, self.start_epoch, self.end_epoch):
-            for i, h in enumerate(out.features):
-                if h.requires_grad:
-                    h.register_hook(scale_hook(k[i]))
+            self.scale_feature_gradients(out, k)
         return task_loss
+
+    def commit(self, scaler=None) -> None:
+        """The running mean of the scores advances once per step taken (by the step's mean score)."""
+        scores = torch.stack(self._staged_scores).mean(0)
+        self._staged_scores = []
+        running = torch.zeros_like(scores) if self.running is None else self.running.to(scores.device)
+        self.count += 1
+        self.running = running * (self.count - 1) / self.count + scores / self.count
+
+    def discard(self) -> None:
+        self._staged_scores = []
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -1,24 +1,44 @@
 """The one interface every balancing method implements.
 
-A training step, in the engine and in a user's own loop, is::
+A training step, in the engine and in a user's own loop, has four phases::
 
-    inputs, masks = method.prepare(inputs, masks)          # e.g. modality dropout
-    out = model(inputs, masks)                             # ModelOutput: prediction + features
-    loss = method.loss(out, target, task.loss(out.prediction, target))
+    inputs, masks = method.prepare(inputs, masks)          # 1. inputs (e.g. modality dropout)
+    out = model(inputs, masks)                             #    ModelOutput: prediction + features
+    loss = method.loss(out, target, task.loss(out.prediction, target))   # 2. the loss
     optimizer.zero_grad(set_to_none=True)
-    method.backward(loss)                                  # usually loss.backward()
-    method.step(optimizer)                                 # after_backward + optimizer step
+    method.backward(loss)                                  # 3. gradients (and a method's edits)
+    # (clip gradients here if you want to: B and every other gradient edit are already in them)
+    method.step(optimizer)                                 # 4. the update; or step(optimizer, scaler=scaler)
 
-Methods hook in where they need to: :meth:`prepare` (inputs), :meth:`loss` (extra terms, feature
-gradient hooks), :meth:`backward` (several backward passes), :meth:`after_backward` (gradient
-edits), :meth:`optimizer_step` (update scaling), :meth:`param_groups` (per-modality learning rates),
-:meth:`on_epoch_start` / :meth:`on_epoch_end` (epoch statistics, schedules) and
-:meth:`eval_prediction` (test-time fusion). The engine never branches on a method's name.
+What each phase may do, so that a skipped or accumulated step is never wrong:
+
+* :meth:`loss` computes; it never steps an optimizer and never advances a method's statistics.
+  What it measures (classifier gradients, metrics, coefficients) is *staged*.
+* :meth:`backward` back-propagates and applies the method's gradient edits (modulation, noise),
+  before any clipping or finite check of the caller.
+* :meth:`step` takes the optimizer step (through a ``GradScaler`` if given, or any step function)
+  and then *commits* what was staged: the method's own modules (auxiliary classifiers, heads) are
+  stepped and its statistics advance, once per optimizer step. Under gradient accumulation,
+  ``loss``/``backward`` run once per micro-batch and ``step`` once.
+* :meth:`skip` drops what was staged when the caller does not take the step (a non-finite loss):
+  the method's state is left exactly as it was.
+
+The library notices a loop that bypasses a phase: the model's parameters changed since the last
+:meth:`loss` without :meth:`step` (a plain ``optimizer.step()`` or ``scaler.step(optimizer)``), a
+method that edits gradients stepped without :meth:`backward`, or a feature-gradient hook that never
+fired (the model returned tensors its prediction was not computed from). Each raises
+:class:`ProtocolError` naming the fix, since the modulation was silently not applied otherwise.
+
+Methods override a few hooks, each named for what it does: :meth:`setup`, :meth:`param_groups`,
+:meth:`prepare`, :meth:`compute_loss`, :meth:`compute_gradients`, :meth:`edit_gradients`,
+:meth:`update` (around the optimizer step), :meth:`commit` and :meth:`discard`, the epoch and
+evaluation hooks, and :meth:`state_dict` / :meth:`load_state_dict`. The engine never branches on a
+method's name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -29,10 +49,16 @@ from .. import distributed
 from ..types import TASK_KINDS, ModelOutput, Task
 
 Batch = tuple[dict[str, Tensor], dict[str, Tensor], Tensor]  # inputs, masks, target
+StepFunction = Callable[[], Any]
 
 
 class UnsupportedSettingError(ValueError):
     """A method was asked to run in a setting it does not support."""
+
+
+class ProtocolError(RuntimeError):
+    """The training step bypassed a phase of the method protocol (see :mod:`cggm.methods.base`),
+    so the method's modulation would silently not be applied."""
 
 
 @dataclass(frozen=True)
@@ -70,19 +96,62 @@ class Method:
         self.model: nn.Module | None = None
         self.task: Task | None = None
         self.modalities: tuple[str, ...] = ()
-        self.global_step = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.global_step = 0  # optimizer steps taken (skipped steps do not count)
         self.epoch = 0
         self._records: dict[str, Tensor] = {}
+        self._declared_params: dict[str, list[nn.Parameter]] | None = None
+        # protocol bookkeeping of the step in progress
+        self._n_losses = 0  # loss() calls since the last step() / skip()
+        self._n_backwards = 0  # backward() calls since the last step() / skip()
+        self._version_mark = 0
+        self._feature_hooks: list[tuple[str, list[bool]]] = []
 
     # -- set-up -----------------------------------------------------------------------------
-    def bind(self, model: nn.Module, task: Task, modalities: Sequence[str] | None = None) -> Method:
-        """Attach the method to a model and task; raises :class:`UnsupportedSettingError` for a
-        setting the method does not support."""
-        modalities = tuple(modalities if modalities is not None else getattr(model, "modalities", ()))
+    def bind(self, model: nn.Module, task: Task, modalities: Sequence[str] | None = None, *,
+             modality_parameters: Mapping[str, Iterable[nn.Parameter]] | Sequence[Iterable[nn.Parameter]] | None = None,
+             optimizer: torch.optim.Optimizer | None = None) -> Method:
+        """Attach the method to a model and task.
+
+        modalities: the modality names, in the order of ``ModelOutput.features``; defaults to
+            ``model.modalities``.
+        modality_parameters: each modality's encoder parameters, as a mapping by name or a sequence
+            in modality order, for methods that act on them when the model does not declare
+            ``modality_parameters()``.
+        optimizer: the model's optimizer, for methods whose behaviour depends on it (CGGM chooses
+            where B acts from it); also settable later with :meth:`set_optimizer`.
+
+        Raises :class:`UnsupportedSettingError` for a setting the method does not support.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{self.name}.bind() needs the model (an nn.Module), got {type(model).__name__}.")
+        if not isinstance(task, Task):
+            raise TypeError(f"{self.name}.bind() needs a cggm.Task, e.g. Task('classification', num_outputs=4); "
+                            f"got {type(task).__name__}.")
+        if modalities is None:
+            modalities = getattr(model, "modalities", None)
+            if modalities is None:
+                raise ValueError(f"{self.name}.bind(): the model does not declare its modalities; pass them in the "
+                                 f"order of ModelOutput.features, e.g. bind(model, task, modalities=['audio', 'video']).")
+        if isinstance(modalities, str):
+            raise TypeError(f"modalities must be a list of names, got the string {modalities!r}.")
+        modalities = tuple(modalities)
+        if any(not isinstance(m, str) or not m for m in modalities):
+            raise TypeError(f"Modality names must be non-empty strings, got {list(modalities)}.")
+        dup = sorted({m for m in modalities if modalities.count(m) > 1})
+        if dup:
+            raise ValueError(f"Duplicate modality names {dup} in {list(modalities)}: every modality needs its own name.")
         self.check_support(len(modalities), task)
         self.model, self.task, self.modalities = model, task, modalities
+        self._declared_params = None if modality_parameters is None else _by_modality(modality_parameters, modalities)
+        if optimizer is not None:
+            self.set_optimizer(optimizer)
         self.setup()
         return self
+
+    def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Tell the method which optimizer steps the model (see :meth:`bind`)."""
+        self.optimizer = optimizer
 
     def check_support(self, num_modalities: int, task: Task) -> None:
         s = self.support
@@ -105,12 +174,42 @@ class Method:
     def setup(self) -> None:
         """Called once by :meth:`bind`, after ``model``, ``task`` and ``modalities`` are set."""
 
+    def modality_parameter_groups(self, model: nn.Module | None = None) -> list[list[nn.Parameter]]:
+        """Each modality's trainable encoder parameters, in modality order: those given to
+        :meth:`bind`, else ``model.modality_parameters()``. A parameter in two modalities' groups is
+        refused: scaling or editing it per modality would apply two modalities' factors to it."""
+        model = self.model if model is None else model
+        if self._declared_params is not None and model is self.model:
+            declared = self._declared_params
+        elif hasattr(model, "modality_parameters"):
+            declared = model.modality_parameters()
+        else:
+            raise UnsupportedSettingError(
+                f"Method {self.name!r} acts on each modality's encoder parameters: pass "
+                f"bind(..., modality_parameters={{'audio': enc_a.parameters(), ...}}) or give the model a "
+                f"modality_parameters() method (cggm MultimodalModel does).")
+        missing = [m for m in self.modalities if m not in declared]
+        if missing:
+            raise ValueError(f"No encoder parameters declared for modalities {missing}; declared: {sorted(declared)}.")
+        groups = [[p for p in declared[m] if p.requires_grad] for m in self.modalities]
+        owner: dict[int, str] = {}
+        for m, ps in zip(self.modalities, groups):
+            for p in ps:
+                other = owner.setdefault(id(p), m)
+                if other != m:
+                    raise ValueError(
+                        f"A parameter of shape {tuple(p.shape)} is declared for both {other!r} and {m!r}. "
+                        f"{self.name} scales or edits each modality's parameters by that modality's factor, "
+                        f"which is undefined for a shared parameter: declare shared layers in neither "
+                        f"modality (they then train like the fusion module).")
+        return groups
+
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """Parameter groups for the model's optimizer (a method may give modalities their own lr
         by adding an ``lr_scale`` key to a group)."""
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
-    # -- the step ----------------------------------------------------------------------------
+    # -- the step: public phases -------------------------------------------------------------------
     def prepare(self, inputs: dict[str, Tensor], masks: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Transform a training batch before the forward pass (default: unchanged)."""
         return inputs, masks
@@ -120,28 +219,116 @@ class Method:
         return inputs, masks
 
     def loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
-        """The loss to back-propagate (default: the task loss)."""
-        return task_loss
+        """The loss to back-propagate for this (micro-)batch. Stages, never commits."""
+        self._require_bound("loss")
+        if not isinstance(out, ModelOutput):
+            kind = type(out).__name__
+            raise TypeError(
+                f"{self.name}.loss() needs a cggm.ModelOutput, got a {kind}. Wrap what your model returns: "
+                f"ModelOutput(prediction, features), with features the per-modality tensors the fusion consumed.")
+        if len(out.features) != len(self.modalities):
+            raise ValueError(f"{self.name} was bound to {len(self.modalities)} modalities {list(self.modalities)} but "
+                             f"the model returned {len(out.features)} feature tensors.")
+        if self._n_losses and self._parameter_version() != self._version_mark:
+            raise ProtocolError(
+                f"The model's parameters changed since the last {self.name}.loss() without {self.name}.step(): "
+                f"the optimizer was stepped directly (optimizer.step() or scaler.step(optimizer)), so the "
+                f"method's update (its modulation, its classifiers or heads, its statistics) was not applied. "
+                f"Step through the method: method.step(optimizer), or method.step(optimizer, scaler=scaler).")
+        if not self._n_losses:
+            self._records.clear()
+        result = self.compute_loss(out, target, task_loss)
+        self._n_losses += 1
+        self._version_mark = self._parameter_version()
+        return result
 
     def backward(self, loss: Tensor) -> None:
+        """Back-propagate ``loss`` (:meth:`compute_gradients`) and apply the method's gradient
+        edits (:meth:`edit_gradients`), before the caller clips or checks the gradients."""
+        self._require_bound("backward")
+        if not self._n_losses:
+            raise ProtocolError(f"{self.name}.backward() was called without {self.name}.loss() for this step.")
+        if self._edits_gradients() and self._n_losses > 1:
+            raise ProtocolError(
+                f"{self.name} edits the gradients after each backward pass, which under gradient accumulation "
+                f"would edit the earlier micro-batches' gradients again; take one optimizer step per batch.")
+        self.compute_gradients(loss)
+        self.edit_gradients()
+        self._n_backwards += 1
+
+    def step(self, optimizer: torch.optim.Optimizer | StepFunction, *, scaler: Any = None) -> bool:
+        """Take the optimizer step and commit the method's staged state; returns whether the step
+        was taken.
+
+        optimizer: a ``torch.optim.Optimizer``, or any function that takes the model's step (it
+            may return ``False`` to say it skipped it).
+        scaler: a ``torch.amp.GradScaler``: the step is ``scaler.step(optimizer)`` (skipped when it
+            finds inf/NaN gradients, and then nothing is committed), and the method's own
+            optimizers step through the scaler too. Call ``scaler.update()`` afterwards, as usual.
+        """
+        self._require_bound("step")
+        if not self._n_losses:
+            raise ProtocolError(f"{self.name}.step() was called without {self.name}.loss() since the last step.")
+        if self._edits_gradients() and self._n_backwards < self._n_losses:
+            raise ProtocolError(
+                f"{self.name} edits gradients after the backward pass (or computes them itself), but the "
+                f"backward pass did not go through it: call method.backward(loss) instead of loss.backward().")
+        self._check_feature_hooks()
+        if isinstance(optimizer, torch.optim.Optimizer) and self.optimizer is None:
+            self.set_optimizer(optimizer)
+        taken = bool(self.update(_step_function(optimizer, scaler)))
+        if taken:
+            self.commit(scaler)
+            self.global_step += 1
+        else:
+            self.discard()
+        self._end_step()
+        return taken
+
+    def skip(self) -> None:
+        """The caller does not take this step (e.g. a non-finite loss): drop what :meth:`loss`
+        staged, leaving the method's state exactly as before the step."""
+        if self._n_losses:
+            self.discard()
+        self._end_step()
+
+    # -- the step: hooks for methods ---------------------------------------------------------------
+    def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
+        """The loss to back-propagate (default: the task loss). May stage values for
+        :meth:`commit`; must not step an optimizer or change the method's state."""
+        return task_loss
+
+    def compute_gradients(self, loss: Tensor) -> None:
+        """Fill the parameters' ``.grad`` (default: ``loss.backward()``)."""
         loss.backward()
 
-    def after_backward(self) -> None:
-        """Edit gradients after the backward pass (default: nothing)."""
+    def edit_gradients(self) -> None:
+        """Edit gradients after the backward pass, before clipping (default: nothing)."""
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.step()
+    def update(self, take_step: Callable[[], bool]) -> bool:
+        """Around the model's optimizer step: ``take_step()`` steps it and returns whether it was
+        taken (a GradScaler may skip it). Returns that (default: just ``take_step()``)."""
+        return take_step()
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """``after_backward`` then :meth:`apply_update`."""
-        self.after_backward()
-        self.apply_update(optimizer)
+    def commit(self, scaler: Any = None) -> None:
+        """The step was taken: step the method's own modules and advance its statistics with what
+        :meth:`compute_loss` staged (default: nothing). ``scaler`` steps method-owned optimizers
+        whose gradients came from the scaled loss."""
 
-    def apply_update(self, optimizer: torch.optim.Optimizer) -> None:
-        """``optimizer_step``, then advance the step counter. (The engine calls ``after_backward``,
-        then checks and clips the gradients, then this.)"""
-        self.optimizer_step(optimizer)
-        self.global_step += 1
+    def discard(self) -> None:
+        """The step was not taken: forget what :meth:`compute_loss` staged (default: nothing)."""
+
+    # -- helpers for methods -----------------------------------------------------------------------
+    def scale_feature_gradients(self, out: ModelOutput, factors: Tensor) -> None:
+        """Multiply the gradient that flows into encoder ``i`` through ``out.features[i]`` by
+        ``factors[i]`` (a hook per feature tensor, so every parameter of the encoder, its input
+        projection included, gets exactly ``factors[i]`` times its gradient, with no name
+        matching). :meth:`step` checks that every hook fired."""
+        for i, h in enumerate(out.features):
+            if h.requires_grad:
+                fired = [False]
+                h.register_hook(_FeatureScale(factors[i], fired))
+                self._feature_hooks.append((self.modalities[i], fired))
 
     # -- epochs and evaluation ------------------------------------------------------------------
     def on_epoch_start(self, ctx: EpochContext) -> None:
@@ -173,8 +360,7 @@ class Method:
         return dict(self._records)
 
     def reset_records(self) -> None:
-        """Forget the last step's records (the engine calls this before each step, so a value a
-        method records only on some steps is not repeated on the others)."""
+        """Forget the last step's records (:meth:`loss` does it at the first micro-batch of a step)."""
         self._records.clear()
 
     def modules(self) -> Mapping[str, nn.Module]:
@@ -190,3 +376,85 @@ class Method:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+    # -- internals --------------------------------------------------------------------------------
+    def _require_bound(self, phase: str) -> None:
+        if self.model is None:
+            raise ProtocolError(f"{self.name}.{phase}() was called before bind(): call "
+                                f"method.bind(model, task, modalities=[...]) first.")
+
+    def _edits_gradients(self) -> bool:
+        cls = type(self)
+        return cls.edit_gradients is not Method.edit_gradients or cls.compute_gradients is not Method.compute_gradients
+
+    def _parameter_version(self) -> int:
+        # in-place updates (every optimizer's step) bump a tensor's version counter; reading it
+        # is a host-side integer, no device synchronisation
+        return sum(p._version for p in self.model.parameters())
+
+    def _check_feature_hooks(self) -> None:
+        dead = [m for m, fired in self._feature_hooks if not fired[0]]
+        if dead:
+            raise ProtocolError(
+                f"{self.name} scales the gradient flowing into the encoder of {dead} through the feature tensors "
+                f"the model returned, but no gradient flowed through them: the prediction was not computed from "
+                f"these tensors (a copy, a pooled or re-projected view?), so the modulation would silently do "
+                f"nothing. Return in ModelOutput.features exactly the tensors the fusion consumed"
+                + (", or scale updates instead (scale_on='update')." if self.name.startswith("cggm") else "."))
+
+    def _end_step(self) -> None:
+        self._n_losses = 0
+        self._n_backwards = 0
+        self._feature_hooks = []
+
+
+class _FeatureScale:
+    """A tensor hook that multiplies the incoming gradient by a 0-d factor and notes that it ran."""
+
+    def __init__(self, factor: Tensor, fired: list[bool]):
+        self.factor, self.fired = factor, fired
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        self.fired[0] = True
+        return grad * self.factor.to(grad.dtype)
+
+
+def _by_modality(params, modalities: Sequence[str]) -> dict[str, list[nn.Parameter]]:
+    if isinstance(params, Mapping):
+        unknown = sorted(set(params) - set(modalities))
+        if unknown:
+            raise ValueError(f"modality_parameters names unknown modalities {unknown}; the modalities are "
+                             f"{list(modalities)}.")
+        return {m: list(ps) for m, ps in params.items()}
+    params = list(params)
+    if len(params) != len(modalities):
+        raise ValueError(f"modality_parameters has {len(params)} groups for {len(modalities)} modalities "
+                         f"{list(modalities)}; give one group per modality, in the same order.")
+    return {m: list(ps) for m, ps in zip(modalities, params)}
+
+
+def _step_function(optimizer, scaler) -> Callable[[], bool]:
+    """A function that takes the model's step and returns whether it was taken."""
+    if scaler is not None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError("step(optimizer, scaler=...) needs a torch.optim.Optimizer to pass to scaler.step().")
+        return lambda: _observed(optimizer, lambda: scaler.step(optimizer))
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return lambda: _observed(optimizer, optimizer.step)
+    if callable(optimizer):
+        return lambda: optimizer() is not False
+    raise TypeError(f"step() needs an optimizer or a step function, got {type(optimizer).__name__}.")
+
+
+def _observed(optimizer: torch.optim.Optimizer, run: Callable[[], Any]) -> bool:
+    ran = [False]
+
+    def hook(*_: Any) -> None:
+        ran[0] = True
+
+    handle = optimizer.register_step_post_hook(hook)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return ran[0]

@@ -4,37 +4,45 @@ Z. Guo, T. Jin, J. Chen, Z. Zhao. "Classifier-guided Gradient Modulation for Enh
 Learning". NeurIPS 2024, arXiv:2411.01409. Equations refer to the paper; defects of the official
 code (github zrguo/CGGM) are referenced as cggm-spec.md A1-A13.
 
-What one training step does, for M modalities with features h_1..h_M:
+CGGM is composed of parts, each chosen at construction, and the combinations that would not do
+what their names say are refused in one place (:meth:`CGGM._check_composition`):
 
-1. Classifiers (Eq. 5). Each auxiliary classifier f_i sees ``h_i.detach()``, so its loss never
-   reaches the encoders. Its metric epsilon_i on the batch (higher is better, see
-   :meth:`cggm.types.Task.batch_metric`) is measured *before* its own optimizer steps, then it is
-   trained on its own loss by its own optimizer. At inference the classifiers are not used.
-2. Magnitude (Eq. 6-8). An improvement rule (``rule="paper"``: raw Eq. 7; ``rule="robust"``: see
-   :mod:`cggm.methods.improvement`) turns the epsilons into factors B_i. With
-   ``magnitude=True`` each encoder's gradient is multiplied by B_i:
+* **classifiers** (Eq. 5): each auxiliary classifier f_i sees ``h_i.detach()`` (fp32, outside
+  autocast), so its loss never reaches the encoders; they are trained by their own optimizer and
+  unused at inference.
+* **metric** epsilon (higher is better): ``"task"`` (the task's batch metric: accuracy, -MAE, mean
+  Dice), ``"sign_accuracy"`` (regression: sign agreement, zero labels counted negative) or
+  ``"official"`` (what the official code feeds Eq. 7: sign accuracy on regression, the task's
+  metric otherwise).
+* **rule** (Eq. 6-7): :class:`~cggm.methods.improvement.PaperRule` (raw Eq. 7, unbounded) or
+  :class:`~cggm.methods.improvement.RobustRule` (ours, ``0 <= B <= rho``).
+* **where B acts** (Eq. 8, ``scale_on``): ``"gradient"`` multiplies the gradient flowing into
+  encoder i through h_i by B_i during the backward pass (a hook per feature, so every parameter
+  of that encoder, input projections included, gets exactly B_i times its gradient; nothing
+  matches parameter names; clipping and finite checks come after). ``"update"`` multiplies each
+  encoder's optimizer update by B_i (``theta <- theta_old + B_i (theta_new - theta_old)``): under
+  Adam a gradient factor cancels in m / sqrt(v), so this is the form in which B keeps its meaning
+  for adaptive optimizers (cggm-spec.md A10). ``"auto"`` (default) picks ``gradient`` for SGD
+  (Eq. 8 exactly: momentum and weight decay are not scaled) and ``update`` for adaptive
+  optimizers (Adam, AdamW, ...); an unbounded rule always acts on gradients, before clipping:
+  B applied to an update after clipping moves weights by up to |B| x lr (|B| reaches 1e7).
+* **direction** (Eq. 9-13): :class:`GradientCosine` (the paper): g_F = dL_task/dW_F for the fused
+  head's last layer W_F, taken with ``create_graph=True``, and g_i = dL_i/dW_{f_i} for classifier
+  i's last layer (a constant),
 
-   * ``scale_on="gradient"`` (Eq. 8, the SGD view): a hook on h_i multiplies the gradient that
-     flows into encoder i by B_i, so every parameter of that encoder (input projections included)
-     gets exactly B_i times its unmodulated gradient. Nothing matches parameter names.
-   * ``scale_on="update"``: the optimizer steps as usual, then each encoder's parameter *update*
-     is multiplied by B_i (theta <- theta_old + B_i (theta_new - theta_old)). Under Adam a
-     constant gradient factor cancels in m / sqrt(v), so this is the form in which B keeps its
-     meaning for adaptive optimizers (cggm-spec.md A10). Needs ``model.modality_parameters()``.
+      L_gm = (1/M) sum_i ( |B_i| - B_i cos(g_F, g_i) )                     (Eq. 12)
+      L    = L_task + lambda L_gm                                           (Eq. 13)
 
-   The fusion module and head are never scaled.
-3. Direction (Eq. 9-13). With ``direction="gradient"`` (default, the paper):
-   g_F = dL_task/dW_F for the fused head's last layer W_F, taken with ``create_graph=True``, and
-   g_i = dL_i/dW_{f_i} for classifier i's last layer (a constant target),
+  back-propagated once, in the same step, so L_gm's gradient reaches the head and, through g_F,
+  the fusion and encoders. :class:`WeightCosine` reproduces the official code instead (A1, A2):
+  the cosine of the *weights* W_F and W_{f_i}, built at step t and added at step t+1, so its
+  gradient lands only on W_F, evaluated at step t's values, with B without rho. ``"off"``: none.
 
-       L_gm = (1/M) sum_i ( |B_i| - B_i cos(g_F, g_i) )                     (Eq. 12)
-       L    = L_task + lambda L_gm                                           (Eq. 13)
-
-   is back-propagated once, in the same step, so L_gm's gradient reaches the head and, through
-   g_F, the fusion and encoders. ``direction="weight"`` reproduces the official code instead
-   (A1, A2): the cosine of the *weights* W_F and W_{f_i}, built at step t and added at step t+1,
-   so its gradient lands only on W_F, evaluated at step t's values; the B inside it omits rho, as
-   in the official code. ``direction="off"`` disables the term.
+When each part moves (see :mod:`cggm.methods.base`): :meth:`loss` measures the classifiers'
+metrics and gradients and proposes B without changing any state; the classifiers' optimizer
+step, the rule's history and the official term's stale weights advance in :meth:`commit`, once per
+optimizer step taken (under gradient accumulation, with the micro-batches' mean metric and mean
+classifier gradient); a skipped step changes nothing.
 
 Records per step: ``B/<modality>``, ``eps/<modality>``, ``cos/<modality>`` and ``L_gm``; at
 evaluation, ``clf/<modality>`` (each classifier's metric on the evaluated split).
@@ -42,6 +50,7 @@ evaluation, ``clf/<modality>`` (each classifier's metric on the evaluated split)
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -53,12 +62,97 @@ from .. import distributed
 from ..models.base import head_layer_hidden
 from ..models.classifiers import build_classifier
 from ..types import ModelOutput
-from .base import Method, Support
-from .improvement import build_rule
+from .base import Method, ProtocolError, Support
+from .improvement import ImprovementRule, build_rule
 from .registry import register_method
 
-Direction = Literal["gradient", "weight", "off"]
-ScaleOn = Literal["gradient", "update"]
+ScaleOn = Literal["auto", "gradient", "update"]
+METRICS = ("task", "sign_accuracy", "official")
+
+# optimizers whose update normalises the gradient's scale (B must act on the update there)
+ADAPTIVE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
+                       torch.optim.RAdam, torch.optim.Adagrad, torch.optim.RMSprop, torch.optim.Adadelta)
+PLAIN_OPTIMIZERS = (torch.optim.SGD, torch.optim.ASGD)
+
+
+# -- direction terms -------------------------------------------------------------------------------
+class DirectionTerm:
+    """A direction term of CGGM (Eq. 12-13): ``loss(...)`` gives L_gm for this step (or None);
+    ``stage``/``commit``/``discard`` keep state that must move only when a step is taken."""
+
+    name = "off"
+
+    def loss(self, cggm: CGGM, task_loss: Tensor, B: Tensor, clf_last_grads: list[Tensor]) -> tuple[Tensor, Tensor] | None:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+class GradientCosine(DirectionTerm):
+    """Eq. 12 on gradients, in the same step (the paper): cos(dL_task/dW_F, dL_i/dW_fi)."""
+
+    name = "gradient"
+
+    def loss(self, cggm, task_loss, B, clf_last_grads):
+        W_F = cggm.head_layer.weight
+        g_F = torch.autograd.grad(task_loss, W_F, create_graph=True, retain_graph=True)[0]
+        # under DDP: the global batch's g_F on every rank (differentiable; identity in one process)
+        g_F = distributed.mean_over_ranks(g_F)
+        cos = torch.stack([F.cosine_similarity(g_F.flatten(), g.flatten().to(g_F.dtype), dim=0)
+                           for g in clf_last_grads])
+        return gradient_modulation_loss(B.to(cos.dtype), cos), cos
+
+
+class WeightCosine(DirectionTerm):
+    """The official code's L_gm (cggm-spec.md A1, A2): cosines of the head's and classifiers'
+    last-layer *weights* from step t-1, added at step t, with B / rho; moves only W_F."""
+
+    name = "weight"
+
+    def __init__(self) -> None:
+        self.stale: tuple[Tensor, list[Tensor], Tensor] | None = None  # W_F, W_fi, B / rho of the last step
+        self._staged: tuple[Tensor, list[Tensor], Tensor] | None = None
+
+    def loss(self, cggm, task_loss, B, clf_last_grads):
+        W_F = cggm.head_layer.weight
+        result = None
+        if self.stale is not None:
+            stale_head, stale_clf, b = self.stale
+            # the value of the stale weights, the gradient flowing to the live parameter W_F
+            head = W_F + (stale_head.to(W_F.device) - W_F.detach())
+            cos = torch.stack([F.cosine_similarity(head.flatten(), w.flatten().to(head.dtype), dim=0)
+                               for w in stale_clf])
+            result = gradient_modulation_loss(b.to(cos.dtype), cos), cos
+        # this step's weights (the classifiers before their update), used at the next step
+        self._staged = (W_F.detach().clone(), [clf.last.weight.detach().clone() for clf in cggm.classifiers],
+                        (B / cggm.rho).detach())
+        return result
+
+    def commit(self) -> None:
+        if self._staged is not None:
+            self.stale, self._staged = self._staged, None
+
+    def discard(self) -> None:
+        self._staged = None
+
+    def state_dict(self):
+        return {"stale": self.stale}
+
+    def load_state_dict(self, state):
+        self.stale = state.get("stale")
+
+
+DIRECTIONS = {"gradient": GradientCosine, "weight": WeightCosine}
 
 
 @register_method("cggm")
@@ -69,18 +163,21 @@ class CGGM(Method):
         rho: the scaling hyper-parameter of Eq. 7 (> 0).
         lam: lambda of Eq. 13 (>= 0).
         magnitude: apply B to the encoders (Eq. 8).
-        direction: ``"gradient"`` (paper, default), ``"weight"`` (official code) or ``"off"``.
-        rule: ``"robust"`` (default, ours) or ``"paper"`` (raw Eq. 7).
-        scale_on: ``"update"`` (default) or ``"gradient"`` (Eq. 8 literally).
-        modality_parameters: each modality's encoder parameters, in modality order, for
-            ``scale_on="update"`` when the model does not declare ``modality_parameters()``.
-        rule_options: keyword options of the rule (``beta``, ``window``, ``tau`` for robust).
+        direction: ``"gradient"`` (paper, default), ``"weight"`` (official code), ``"off"``, or a
+            :class:`DirectionTerm`.
+        rule: ``"robust"`` (default, ours), ``"paper"`` (raw Eq. 7), or an ``ImprovementRule``.
+        scale_on: ``"auto"`` (default: gradient for SGD, update for adaptive optimizers),
+            ``"gradient"`` (Eq. 8 literally) or ``"update"``. See the module docstring.
+        metric: the classifiers' metric epsilon: ``"task"``, ``"sign_accuracy"`` or ``"official"``.
+        rule_options: keyword options of a rule given by name (``beta``, ``window``, ``tau`` for robust).
         classifier_lr, classifier_optimizer, classifier_weight_decay, classifier_momentum: the
             classifiers' own optimizer (``adam``, ``adamw`` or ``sgd``).
         classifier_layers: self-attention layers of the default sequence classifier (1-2).
         classifiers: optional user classifiers, one per modality, each with a ``last`` layer
             shaped like ``head_layer``; called as ``clf(h, mask=None, size=None)``.
         head_layer: the fused head's last layer; defaults to ``model.head_layer``.
+        modality_parameters: each modality's encoder parameters (for ``update`` scaling when the
+            model does not declare ``modality_parameters()``); also accepted by :meth:`bind`.
     """
 
     name = "cggm"
@@ -91,9 +188,10 @@ class CGGM(Method):
         rho: float = 1.3,
         lam: float = 0.2,
         magnitude: bool = True,
-        direction: Direction = "gradient",
-        rule: str = "robust",
-        scale_on: ScaleOn = "update",
+        direction: str | DirectionTerm = "gradient",
+        rule: str | ImprovementRule = "robust",
+        scale_on: ScaleOn = "auto",
+        metric: str = "task",
         rule_options: Mapping[str, Any] | None = None,
         classifier_lr: float = 5e-4,
         classifier_optimizer: str = "adam",
@@ -102,23 +200,33 @@ class CGGM(Method):
         classifier_layers: int = 1,
         classifiers: Sequence[nn.Module] | None = None,
         head_layer: nn.Module | None = None,
-        modality_parameters: Sequence[Any] | None = None,
+        modality_parameters: Sequence[Any] | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if not rho > 0:
-            raise ValueError(f"CGGM rho must be > 0, got {rho}.")
-        if not lam >= 0:
-            raise ValueError(f"CGGM lam (lambda) must be >= 0, got {lam}.")
-        if direction not in ("gradient", "weight", "off"):
-            raise ValueError(f"CGGM direction must be 'gradient', 'weight' or 'off', got {direction!r}.")
-        if scale_on not in ("gradient", "update"):
-            raise ValueError(f"CGGM scale_on must be 'gradient' or 'update', got {scale_on!r}.")
+        if not (rho > 0 and rho < float("inf")):
+            raise ValueError(f"CGGM rho must be a finite number > 0, got {rho}.")
+        if not (lam >= 0 and lam < float("inf")):
+            raise ValueError(f"CGGM lam (lambda) must be a finite number >= 0, got {lam}.")
         if classifier_optimizer not in ("adam", "adamw", "sgd"):
             raise ValueError(f"classifier_optimizer must be 'adam', 'adamw' or 'sgd', got {classifier_optimizer!r}.")
+        if not classifier_lr > 0:
+            raise ValueError(f"classifier_lr must be > 0, got {classifier_lr}.")
+        if classifier_weight_decay < 0:
+            raise ValueError(f"classifier_weight_decay must be >= 0, got {classifier_weight_decay}.")
         self.rho, self.lam = float(rho), float(lam)
-        self.magnitude, self.direction, self.scale_on = bool(magnitude), direction, scale_on
-        self.rule_name = rule
-        self.rule = build_rule(rule, self.rho, **dict(rule_options or {}))
+        self.magnitude = bool(magnitude)
+        self.rule = rule if isinstance(rule, ImprovementRule) else build_rule(rule, self.rho, **dict(rule_options or {}))
+        if isinstance(rule, ImprovementRule) and rule_options:
+            raise ValueError("rule_options apply to a rule given by name; configure the ImprovementRule object instead.")
+        if isinstance(direction, DirectionTerm):
+            self.direction_term: DirectionTerm | None = direction
+        elif direction == "off":
+            self.direction_term = None
+        elif direction in DIRECTIONS:
+            self.direction_term = DIRECTIONS[direction]()
+        else:
+            raise ValueError(f"CGGM direction must be 'gradient', 'weight' or 'off', got {direction!r}.")
+        self.scale_on, self.metric = scale_on, metric
         self.classifier_lr = float(classifier_lr)
         self.classifier_optimizer_name = classifier_optimizer
         self.classifier_weight_decay = float(classifier_weight_decay)
@@ -127,38 +235,88 @@ class CGGM(Method):
         self.classifiers: nn.ModuleList | None = nn.ModuleList(classifiers) if classifiers is not None else None
         self.classifier_opt: torch.optim.Optimizer | None = None
         self._head_layer = head_layer
-        self._modality_params = None if modality_parameters is None else [list(ps) for ps in modality_parameters]
-        self._last_clf_grads: list[Tensor] = []
-        self._stale_used: tuple[Tensor, list[Tensor], Tensor] | None = None
+        self._given_params = modality_parameters
         self._pending_state: Mapping[str, Any] | None = None
-        self._B: Tensor | None = None
-        self._stale: tuple[Tensor, list[Tensor], Tensor] | None = None  # weight mode: W_F, W_i, b of step t-1
+        self._staged: list[tuple[Tensor, list[Tensor | None]]] = []  # (eps, classifier grads) per micro-batch
+        self._step_proposal: tuple[Tensor, dict[str, Any]] | None = None
         self._eval_sums: Tensor | None = None
+        self._check_composition()
+
+    @property
+    def direction(self) -> str:
+        return "off" if self.direction_term is None else self.direction_term.name
 
     @classmethod
     def official(cls, rho: float = 1.3, lam: float = 0.2, **kwargs: Any) -> CGGM:
-        """The official code's behaviour (for comparison with published runs): raw Eq. 7 on
-        consecutive batches, encoder gradients scaled by B, and the one-step-late cosine of
-        weights (cggm-spec.md A1-A3). Its global gradient clipping (0.8) is a training setting
-        (``clip_grad_norm``), set in the paper presets."""
+        """The official code's behaviour (for comparison with published runs), composed of: raw
+        Eq. 7 on consecutive batches (``rule="paper"``), the official metric (batch sign accuracy
+        on regression, A9), encoder gradients scaled by B before clipping (``scale_on="gradient"``)
+        and the one-step-late cosine of weights (``direction="weight"``) (cggm-spec.md A1-A3, A9).
+        Its global gradient clipping (0.8) is a training setting (``clip_grad_norm``), set in the
+        paper presets."""
         kwargs.setdefault("scale_on", "gradient")
-        return cls(rho=rho, lam=lam, rule="paper", direction="weight", **kwargs)
+        kwargs.setdefault("metric", "official")
+        kwargs.setdefault("rule", "paper")
+        kwargs.setdefault("direction", "weight")
+        return cls(rho=rho, lam=lam, **kwargs)
+
+    # -- composition ---------------------------------------------------------------------------
+    def _check_composition(self) -> None:
+        """Every refused combination of parts, in one place."""
+        if self.scale_on not in ("auto", "gradient", "update"):
+            raise ValueError(f"CGGM scale_on must be 'auto', 'gradient' or 'update', got {self.scale_on!r}.")
+        if self.metric not in METRICS:
+            raise ValueError(f"CGGM metric must be one of {METRICS}, got {self.metric!r}.")
+        if self.magnitude and self.scale_on == "update" and not self.rule.bounded:
+            raise ValueError(
+                f"CGGM rule {self.rule.name!r} gives unbounded B (|B| reaches 1e7 when the improvements cancel), and "
+                f"scale_on='update' applies B to the optimizer's update after gradient clipping, which then moves a "
+                f"weight by up to |B| x lr. The paper's Eq. 8 scales gradients: use scale_on='gradient' (or "
+                f"'auto'), or a bounded rule (rule='robust').")
+        if self.task is not None:
+            if self.metric == "sign_accuracy" and self.task.kind != "regression":
+                raise ValueError(f"CGGM metric='sign_accuracy' is for regression, not {self.task.kind!r}.")
+
+    def where_B_acts(self) -> str:
+        """``"gradient"`` or ``"update"``: ``scale_on`` with ``"auto"`` resolved from the optimizer."""
+        if self.scale_on != "auto":
+            return self.scale_on
+        if not self.rule.bounded:
+            return "gradient"
+        if self.optimizer is None:
+            raise ProtocolError(
+                "CGGM(scale_on='auto') chooses where B acts from the model's optimizer (gradients for SGD, updates "
+                "for adaptive optimizers such as Adam): pass it, bind(model, task, ..., optimizer=optimizer), or "
+                "choose scale_on='gradient' or 'update'.")
+        if isinstance(self.optimizer, ADAPTIVE_OPTIMIZERS):
+            return "update"
+        if isinstance(self.optimizer, PLAIN_OPTIMIZERS):
+            return "gradient"
+        raise ValueError(
+            f"CGGM(scale_on='auto') does not know whether {type(self.optimizer).__name__} normalises the gradient's "
+            f"scale: choose scale_on='gradient' (plain gradient methods) or 'update' (adaptive methods).")
+
+    def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        super().set_optimizer(optimizer)
+        if self.magnitude and self.scale_on == "update" and isinstance(optimizer, torch.optim.SGD):
+            g = optimizer.param_groups[0]
+            if g.get("momentum", 0) or g.get("weight_decay", 0):
+                warnings.warn(
+                    "CGGM(scale_on='update') with SGD scales the whole update, momentum buffer and weight decay "
+                    "included, which is not Eq. 8 (only the gradient is scaled there); scale_on='gradient' or "
+                    "'auto' scales the gradient only.", stacklevel=2)
 
     # -- set-up ---------------------------------------------------------------------------------
+    def bind(self, model, task, modalities=None, *, modality_parameters=None, optimizer=None):
+        if modality_parameters is None:
+            modality_parameters = self._given_params
+        return super().bind(model, task, modalities, modality_parameters=modality_parameters, optimizer=optimizer)
+
     def setup(self) -> None:
-        if self.scale_on == "update" and self.magnitude:
-            if self._modality_params is None:
-                if not hasattr(self.model, "modality_parameters"):
-                    raise TypeError(
-                        "CGGM(scale_on='update') scales each encoder's update, so it needs each modality's "
-                        "encoder parameters: pass modality_parameters=[enc_1.parameters(), ...] (in modality "
-                        "order), use a cggm MultimodalModel, or choose scale_on='gradient'."
-                    )
-                declared = self.model.modality_parameters()
-                self._modality_params = [list(declared[m]) for m in self.modalities]
-            if len(self._modality_params) != len(self.modalities):
-                raise ValueError(f"CGGM got parameters for {len(self._modality_params)} modalities, "
-                                 f"expected {len(self.modalities)}.")
+        self._check_composition()
+        self._sign_accuracy = self.task.kind == "regression" and self.metric in ("sign_accuracy", "official")
+        if self.magnitude and self.scale_on == "update":
+            self.modality_parameter_groups()  # raises now if they cannot be found or overlap
         if self.classifiers is not None:
             if len(self.classifiers) != len(self.modalities):
                 raise ValueError(f"CGGM got {len(self.classifiers)} classifiers for {len(self.modalities)} modalities.")
@@ -217,96 +375,106 @@ class CGGM(Method):
         return {} if self.classifiers is None else {"classifiers": self.classifiers}
 
     # -- the step -------------------------------------------------------------------------------
-    def _classify(self, out: ModelOutput, target: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Train the classifiers one step on detached features. Returns epsilon ``[M]`` (measured
-        before the update) and each classifier's last-layer gradient. (``loss`` builds them first.)"""
-        size = tuple(target.shape[-2:]) if self.task.kind == "segmentation" else None
-        self.classifiers.train()
-        self.classifier_opt.zero_grad(set_to_none=True)
-        total = 0.0
-        eps = []
-        for i, (clf, h) in enumerate(zip(self.classifiers, out.features)):
-            pred = clf(h.detach(), mask=out.mask(i), size=size)
-            total = total + self.task.loss(pred, target)
-            eps.append(self.task.batch_metric(pred, target))
-        total.backward()
-        distributed.average_gradients(self.classifiers.parameters())
-        grads = [clf.last.weight.grad.detach().clone() for clf in self.classifiers]
-        self.classifier_opt.step()
-        eps_t = distributed.weighted_mean(torch.stack(eps), target.shape[0])
-        return eps_t, grads
+    def _metric(self, pred: Tensor, target: Tensor) -> Tensor:
+        if self._sign_accuracy:  # the official MOSI signal (A9): sign agreement, label 0 negative
+            with torch.no_grad():
+                return ((pred.reshape(target.shape) > 0) == (target > 0)).float().mean()
+        return self.task.batch_metric(pred, target)
 
-    def loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
-        if len(out.features) != len(self.modalities):
-            raise ValueError(f"CGGM was bound to {len(self.modalities)} modalities but the model returned "
-                             f"{len(out.features)} feature tensors.")
+    def _classify(self, out: ModelOutput, target: Tensor) -> tuple[Tensor, list[Tensor | None]]:
+        """Each classifier on its detached features, in fp32 outside autocast: epsilon ``[M]`` and
+        the gradients of the classifiers' losses (averaged over DDP ranks). Nothing is stepped."""
+        size = tuple(target.shape[-2:]) if self.task.kind == "segmentation" else None
+        params = list(self.classifiers.parameters())
+        self.classifiers.train()
+        device_type = out.features[0].device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            total, eps = 0.0, []
+            for i, (clf, h) in enumerate(zip(self.classifiers, out.features)):
+                dtype = clf.last.weight.dtype
+                pred = clf(h.detach().to(dtype), mask=out.mask(i), size=size)
+                total = total + self.task.loss(pred, target)
+                eps.append(self._metric(pred, target))
+        grads = list(torch.autograd.grad(total, params, allow_unused=True))
+        if distributed.is_distributed():
+            grads = _mean_over_ranks(grads)
+        return distributed.weighted_mean(torch.stack(eps), target.shape[0]), grads
+
+    def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         if self.classifiers is None:
             self._build_classifiers(out)  # (also loads the saved ones on the first step after a resume)
-        weights_before = None
-        if self.direction == "weight":
-            weights_before = [clf.last.weight.detach().clone() for clf in self.classifiers]
-        eps, clf_grads = self._classify(out, target)
-        self._last_clf_grads = clf_grads
-        B = self.rule(eps)  # [M], Eq. 7 (or the robust rule)
-        self._B = B
+        where = self.where_B_acts() if self.magnitude else None
+        eps, grads = self._classify(out, target)
+        B, _ = self.rule.propose(eps)  # [M], Eq. 7 (or the robust rule); accepted in commit()
+        self._staged.append((eps, grads))
+        self._step_proposal = None
         for i, m in enumerate(self.modalities):
             self.record(f"B/{m}", B[i])
             self.record(f"eps/{m}", eps[i])
-
-        if self.magnitude and self.scale_on == "gradient":
-            for i, h in enumerate(out.features):
-                if h.requires_grad:
-                    h.register_hook(_scaler(B[i]))
-
-        if self.direction == "gradient" and self.lam > 0:
-            W_F = self.head_layer.weight
-            g_F = torch.autograd.grad(task_loss, W_F, create_graph=True, retain_graph=True)[0]
-            # under DDP: the global batch's g_F on every rank (differentiable; identity in one process)
-            g_F = distributed.mean_over_ranks(g_F)
-            cos = torch.stack([F.cosine_similarity(g_F.flatten(), g.flatten(), dim=0) for g in clf_grads])
-            l_gm = gradient_modulation_loss(B.to(cos.dtype), cos)
-            self._record_direction(cos, l_gm)
-            return task_loss + self.lam * l_gm
-        if self.direction == "weight":
-            return self._weight_direction(task_loss, B, weights_before)
-        return task_loss
-
-    def _weight_direction(self, task_loss: Tensor, B: Tensor, weights_before: list[Tensor] | None) -> Tensor:
-        """The official code's L_gm: cosines of weights from step t-1, added at step t (A1, A2)."""
-        W_F = self.head_layer.weight
-        loss = task_loss
-        if self._stale is not None and self.lam > 0:
-            stale_head, stale_clf, b = self._stale_used = self._stale
-            # value of the stale weights, gradient flowing to the live parameter W_F
-            head = W_F + (stale_head - W_F.detach())
-            cos = torch.stack([F.cosine_similarity(head.flatten(), w.flatten(), dim=0) for w in stale_clf])
-            l_gm = gradient_modulation_loss(b, cos)
-            self._record_direction(cos, l_gm)
-            loss = task_loss + self.lam * l_gm
-        if weights_before is None:
-            weights_before = [clf.last.weight.detach().clone() for clf in self.classifiers]
-        self._stale = (W_F.detach().clone(), weights_before, (B / self.rho).detach())
-        return loss
-
-    def _record_direction(self, cos: Tensor, l_gm: Tensor) -> None:
+        if where == "gradient":
+            self.scale_feature_gradients(out, B)
+        if self.direction_term is None:
+            return task_loss
+        last = self._last_layer_grads(grads)
+        term = self.direction_term.loss(self, task_loss, B, last)
+        if term is None:
+            return task_loss
+        l_gm, cos = term
         for i, m in enumerate(self.modalities):
             self.record(f"cos/{m}", cos[i])
         self.record("L_gm", l_gm)
+        return task_loss + self.lam * l_gm
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if not (self.magnitude and self.scale_on == "update") or self._B is None:
-            optimizer.step()
-            return
-        groups = [[p for p in ps if p.requires_grad] for ps in self._modality_params]
+    def _last_layer_grads(self, grads: list[Tensor | None]) -> list[Tensor]:
+        index = {id(p): k for k, p in enumerate(self.classifiers.parameters())}
+        out = []
+        for clf in self.classifiers:
+            g = grads[index[id(clf.last.weight)]]
+            out.append(torch.zeros_like(clf.last.weight) if g is None else g)
+        return out
+
+    def _proposal(self) -> tuple[Tensor, dict[str, Any]]:
+        """B and the rule's next state for the step being taken (the micro-batches' mean metric)."""
+        if self._step_proposal is None:
+            eps = torch.stack([e for e, _ in self._staged]).mean(0)
+            self._step_proposal = self.rule.propose(eps)
+        return self._step_proposal
+
+    def update(self, take_step) -> bool:
+        if not (self.magnitude and self.where_B_acts() == "update"):
+            return take_step()
+        B = self._proposal()[0]
+        groups = self.modality_parameter_groups()
         before = [torch._foreach_mul(ps, 1.0) if ps else [] for ps in groups]  # copies
-        optimizer.step()
-        for i, (ps, old) in enumerate(zip(groups, before)):
-            if not ps:
-                continue
+        taken = take_step()
+        if taken:
             with torch.no_grad():
-                torch._foreach_sub_(ps, old)  # the update
-                torch._foreach_mul_(ps, self._B[i].to(ps[0].dtype))
-                torch._foreach_add_(ps, old)
+                for i, (ps, old) in enumerate(zip(groups, before)):
+                    if ps:
+                        torch._foreach_sub_(ps, old)  # the update
+                        torch._foreach_mul_(ps, B[i].to(ps[0].dtype))
+                        torch._foreach_add_(ps, old)
+        return taken
+
+    def commit(self, scaler=None) -> None:
+        """The step was taken: the classifiers step on the micro-batches' mean gradient, the rule
+        accepts the step's mean metric, and the direction term keeps this step's weights."""
+        _, next_state = self._proposal()
+        n = len(self._staged)
+        for k, p in enumerate(self.classifiers.parameters()):
+            gs = [grads[k] for _, grads in self._staged if grads[k] is not None]
+            p.grad = None if not gs else (gs[0] if n == 1 else torch.stack(gs).sum(0) / n)
+        self.classifier_opt.step()
+        self.classifier_opt.zero_grad(set_to_none=True)
+        self.rule.accept(next_state)
+        if self.direction_term is not None:
+            self.direction_term.commit()
+        self._staged, self._step_proposal = [], None
+
+    def discard(self) -> None:
+        if self.direction_term is not None:
+            self.direction_term.discard()
+        self._staged, self._step_proposal = [], None
 
     # -- evaluation -----------------------------------------------------------------------------
     def eval_begin(self) -> None:
@@ -317,9 +485,9 @@ class CGGM(Method):
             return
         size = tuple(target.shape[-2:]) if self.task.kind == "segmentation" else None
         self.classifiers.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device_type=out.features[0].device.type, enabled=False):
             vals = torch.stack([
-                self.task.batch_metric(clf(h, mask=out.mask(i), size=size), target)
+                self._metric(clf(h.to(clf.last.weight.dtype), mask=out.mask(i), size=size), target)
                 for i, (clf, h) in enumerate(zip(self.classifiers, out.features))
             ])
         n = float(target.shape[0])
@@ -337,18 +505,21 @@ class CGGM(Method):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["rule"] = self.rule.state_dict()
-        state["B"] = self._B
-        state["stale"] = self._stale
+        if self.direction_term is not None:
+            state["direction"] = self.direction_term.state_dict()
         if self.classifiers is not None:
             state["classifiers"] = self.classifiers.state_dict()
             state["classifier_opt"] = self.classifier_opt.state_dict()
+        elif self._pending_state is not None:
+            state["classifiers"] = self._pending_state["classifiers"]
+            state["classifier_opt"] = self._pending_state["classifier_opt"]
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.rule.load_state_dict(state.get("rule", {}))
-        self._B = state.get("B")
-        self._stale = state.get("stale")
+        if self.direction_term is not None:
+            self.direction_term.load_state_dict(state.get("direction", {}))
         if "classifiers" in state:
             if self.classifiers is None:
                 self._pending_state = state  # applied when the classifiers are built on the first batch
@@ -361,13 +532,22 @@ class CGGM(Method):
 
 
 def gradient_modulation_loss(B: Tensor, cos: Tensor) -> Tensor:
-    """Eq. 12: ``(1/M) sum_i (|B_i| - B_i cos_i)``; B is a constant here (>= 0 by construction)."""
+    """Eq. 12: ``(1/M) sum_i (|B_i| - B_i cos_i)``; B is a constant here."""
     B = B.detach()
     return (B.abs() - B * cos).mean()
 
 
-def _scaler(b: Tensor):
-    def hook(grad: Tensor) -> Tensor:
-        return grad * b.to(grad.dtype)
-
-    return hook
+def _mean_over_ranks(grads: list[Tensor | None]) -> list[Tensor | None]:
+    """The mean over DDP ranks of a list of gradients, in one flat collective."""
+    present = [g for g in grads if g is not None]
+    if not present:
+        return grads
+    flat = distributed.all_reduce_sum(torch.cat([g.reshape(-1) for g in present])) / distributed.world_size()
+    out, offset = [], 0
+    for g in grads:
+        if g is None:
+            out.append(None)
+            continue
+        out.append(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return out

@@ -88,8 +88,7 @@ class GBlending(HeadMethod):
         losses.append(self.task.loss(out.prediction, target) if task_loss is None else task_loss)
         return torch.stack(losses)
 
-    def loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
-        self.zero_head_grads()
+    def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         losses = self.head_losses(out, target, task_loss)
         w = self.weights.to(device=losses.device, dtype=losses.dtype)
         for name, wk, lk in zip(self.head_names, w, losses):

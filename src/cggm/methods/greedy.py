@@ -10,7 +10,6 @@ from torch import Tensor
 
 from .. import distributed
 from ..types import ModelOutput
-from ._common import modality_params
 from .base import Method, Support
 from .registry import register_method
 
@@ -61,58 +60,71 @@ class Greedy(Method):
         self.speed_sum: Tensor | None = None
         self.replace: Tensor | None = None  # [M] float, 1 = replace by the running mean
         self.feature_mean: list[Tensor] | None = None
+        self._staged_means: list[Tensor] | None = None
+        self._staged_speed: Tensor | None = None
 
     def setup(self) -> None:
-        modality_params(self.model, self.modalities)
+        self.modality_parameter_groups()
 
     @property
     def active(self) -> bool:
         return self.epoch >= self.start_epoch
 
-    def _update_means(self, out: ModelOutput, batch: int) -> None:
-        means = [distributed.weighted_mean(h.detach().mean(dim=0), batch) for h in out.features]
+    def _updated_means(self, means: list[Tensor]) -> list[Tensor]:
+        """The running feature means with this batch's means folded in."""
         if self.feature_mean is None or any(a.shape != b.shape for a, b in zip(self.feature_mean, means)):
-            self.feature_mean = means
-        else:
-            self.feature_mean = [self.momentum * a + (1 - self.momentum) * b for a, b in zip(self.feature_mean, means)]
+            return means
+        return [self.momentum * a + (1 - self.momentum) * b for a, b in zip(self.feature_mean, means)]
 
-    def loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
-        self._update_means(out, target.shape[0])
+    def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
+        means = [distributed.weighted_mean(h.detach().mean(dim=0), target.shape[0]) for h in out.features]
+        self._staged_means = self._updated_means(means)  # committed when the step is taken
         if not (self.active and self.phase == "rebalance"):
             return task_loss
         r = self.replace.to(out.features[0].device)
         feats = []
-        for i, (h, mu) in enumerate(zip(out.features, self.feature_mean)):
+        for i, (h, mu) in enumerate(zip(out.features, self._staged_means)):
             self.record(f"rebalance/{self.modalities[i]}", r[i])
             ri = r[i].to(h.dtype)
             feats.append(h * (1 - ri) + mu.to(h.dtype).unsqueeze(0).expand_as(h) * ri)
         prediction = self.model.predict(feats, out.masks)
         return self.task.loss(prediction, target)
 
-    def after_backward(self) -> None:
+    def edit_gradients(self) -> None:
+        """Measure the step's speeds from its gradients (staged; they count when the step is taken)."""
+        self._staged_speed = None
+        if not (self.active and self.phase == "measure"):
+            return
+        speeds = []
+        for ps in self.modality_parameter_groups():
+            with_grad = [p for p in ps if p.grad is not None]
+            if not with_grad:
+                device = ps[0].device if ps else next(self.model.parameters()).device
+                speeds.append(torch.zeros((), device=device))
+                continue
+            g = torch.stack(torch._foreach_norm([p.grad for p in with_grad])).square()
+            w = torch.stack(torch._foreach_norm([p.detach() for p in with_grad])).square().clamp_min(1e-12)
+            speeds.append((g / w).sum())
+        self._staged_speed = torch.stack(speeds)
+        for m, s in zip(self.modalities, self._staged_speed):
+            self.record(f"speed/{m}", s)
+
+    def commit(self, scaler=None) -> None:
+        self.feature_mean = self._staged_means
+        speed, self._staged_speed, self._staged_means = self._staged_speed, None, None
         if not self.active:
             return
         self.count += 1
         if self.phase == "measure":
-            speeds = []
-            for ps in modality_params(self.model, self.modalities):
-                with_grad = [p for p in ps if p.grad is not None]
-                if not with_grad:
-                    device = ps[0].device if ps else next(self.model.parameters()).device
-                    speeds.append(torch.zeros((), device=device))
-                    continue
-                g = torch.stack(torch._foreach_norm([p.grad for p in with_grad])).square()
-                w = torch.stack(torch._foreach_norm([p.detach() for p in with_grad])).square().clamp_min(1e-12)
-                speeds.append((g / w).sum())
-            speed = torch.stack(speeds)
-            for m, s in zip(self.modalities, speed):
-                self.record(f"speed/{m}", s)
             self.speed_sum = speed if self.speed_sum is None else self.speed_sum + speed
             if self.count >= self.window:
                 self.replace = self.decide(self.speed_sum)
                 self.phase, self.count, self.speed_sum = "rebalance", 0, None
         elif self.count >= self.window:
             self.phase, self.count = "measure", 0
+
+    def discard(self) -> None:
+        self._staged_speed, self._staged_means = None, None
 
     def decide(self, speed: Tensor) -> Tensor:
         """``[M]``: 1 for the modalities to replace in the coming re-balancing window."""

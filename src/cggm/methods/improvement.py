@@ -29,6 +29,7 @@ synchronisation.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -36,15 +37,34 @@ from torch import Tensor
 
 
 class ImprovementRule:
+    """Turns each step's metrics ``eps`` ``[M]`` into factors ``B`` ``[M]``.
+
+    A rule is pure between steps: :meth:`propose` gives this step's B and the state the rule would
+    move to, without changing anything; :meth:`accept` moves to it. CGGM proposes while it computes
+    the loss and accepts only when the optimizer step is taken, so a skipped step leaves the rule
+    as it was. ``rule(eps)`` does both (propose, then accept) and returns B.
+
+    ``bounded``: whether B stays in a known finite range (then it may also scale updates).
+    """
+
     name = "base"
+    bounded = False
 
     def __init__(self, rho: float):
-        if not rho > 0:
-            raise ValueError(f"rho must be > 0, got {rho}.")
+        if not (rho > 0 and math.isfinite(rho)):
+            raise ValueError(f"rho must be a finite number > 0, got {rho}.")
         self.rho = float(rho)
 
-    def __call__(self, eps: Tensor) -> Tensor:
+    def propose(self, eps: Tensor) -> tuple[Tensor, dict[str, Any]]:
         raise NotImplementedError
+
+    def accept(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state)
+
+    def __call__(self, eps: Tensor) -> Tensor:
+        B, state = self.propose(eps)
+        self.accept(state)
+        return B
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -54,22 +74,23 @@ class ImprovementRule:
 
 
 class PaperRule(ImprovementRule):
-    """Eq. 7 on raw consecutive batch metrics, epsilon^0 = 0 (Algorithm 1)."""
+    """Eq. 7 on raw consecutive batch metrics, epsilon^0 = 0 (Algorithm 1). Unbounded."""
 
     name = "paper"
+    bounded = False
 
     def __init__(self, rho: float, denominator_eps: float = 1e-8):
         super().__init__(rho)
         self.denominator_eps = float(denominator_eps)
         self.previous: Tensor | None = None
 
-    def __call__(self, eps: Tensor) -> Tensor:
+    def propose(self, eps: Tensor) -> tuple[Tensor, dict[str, Any]]:
         eps = eps.detach().float()
         prev = torch.zeros_like(eps) if self.previous is None else self.previous.to(eps.device)
         delta = eps - prev
-        self.previous = eps.clone()
         total = delta.sum()
-        return self.rho * (total - delta) / (total + self.denominator_eps)
+        B = self.rho * (total - delta) / (total + self.denominator_eps)
+        return B, {"previous": eps.clone()}
 
     def state_dict(self):
         return {"previous": self.previous}
@@ -82,6 +103,7 @@ class RobustRule(ImprovementRule):
     """Smoothed, windowed, guarded Eq. 7. See the module docstring for the equations and bounds."""
 
     name = "robust"
+    bounded = True
 
     def __init__(self, rho: float, beta: float = 0.9, window: int = 20, tau: float = 0.002):
         super().__init__(rho)
@@ -89,29 +111,30 @@ class RobustRule(ImprovementRule):
             raise ValueError(f"beta must be in [0, 1), got {beta}.")
         if int(window) < 1:
             raise ValueError(f"window must be >= 1 step, got {window}.")
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau}.")
+        if not (tau > 0 and math.isfinite(tau)):
+            raise ValueError(f"tau must be a finite number > 0, got {tau}.")
         self.beta, self.window, self.tau = float(beta), int(window), float(tau)
         self.ema: Tensor | None = None  # [M] biased EMA
         self.history: Tensor | None = None  # [K, M] smoothed metric of the last K steps
         self.steps = 0
 
-    def __call__(self, eps: Tensor) -> Tensor:
+    def propose(self, eps: Tensor) -> tuple[Tensor, dict[str, Any]]:
         eps = eps.detach().float()
-        if self.ema is None:
-            self.ema = torch.zeros_like(eps)
-        self.steps += 1
-        self.ema = self.beta * self.ema.to(eps.device) + (1 - self.beta) * eps
-        smoothed = self.ema / (1 - self.beta ** self.steps)
+        ema = torch.zeros_like(eps) if self.ema is None else self.ema.to(eps.device)
+        steps = self.steps + 1
+        ema = self.beta * ema + (1 - self.beta) * eps
+        smoothed = ema / (1 - self.beta ** steps)
         if self.history is None:
-            self.history = smoothed.unsqueeze(0).repeat(self.window, 1)
-        self.history = self.history.to(eps.device)  # a no-op once it is there (e.g. after a resume)
-        slot = self.steps % self.window
-        delta = (smoothed - self.history[slot]).clamp_min(0)  # improvement over the window
-        self.history[slot] = smoothed
+            history = smoothed.unsqueeze(0).repeat(self.window, 1)
+        else:
+            history = self.history.to(eps.device).clone()
+        slot = steps % self.window
+        delta = (smoothed - history[slot]).clamp_min(0)  # improvement over the window
+        history[slot] = smoothed
         total = delta.sum()
         m = eps.numel()
-        return self.rho * (total - delta + self.tau * (m - 1) / m) / (total + self.tau)
+        B = self.rho * (total - delta + self.tau * (m - 1) / m) / (total + self.tau)
+        return B, {"ema": ema, "history": history, "steps": steps}
 
     def state_dict(self):
         return {"ema": self.ema, "history": self.history, "steps": self.steps}
@@ -126,4 +149,7 @@ RULES = {"paper": PaperRule, "robust": RobustRule}
 def build_rule(name: str, rho: float, **kwargs: Any) -> ImprovementRule:
     if name not in RULES:
         raise ValueError(f"Unknown improvement rule {name!r}; choose one of {sorted(RULES)}.")
-    return RULES[name](rho, **kwargs)
+    try:
+        return RULES[name](rho, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"Bad options for the {name!r} rule: {err}") from err

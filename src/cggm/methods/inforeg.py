@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import distributed
 from ..types import ModelOutput
-from ._common import HeadMethod, modality_params, others_mean, true_class_prob
+from ._common import HeadMethod, others_mean, true_class_prob
 from .base import EpochContext, Support
 from .registry import register_method
 
@@ -54,13 +54,14 @@ class InfoReg(HeadMethod):
         self.fisher_sum: Tensor | None = None
         self.fisher_steps = 0
         self.anchor: list[list[Tensor]] | None = None
-        self.coef: Tensor | None = None
+        self.coef: Tensor | None = None  # this step's coefficients (staged by compute_loss)
+        self._staged_fisher: Tensor | None = None
+        self._staged_anchor: list[list[Tensor]] | None = None
 
     def setup(self) -> None:
-        modality_params(self.model, self.modalities)
+        self.modality_parameter_groups()
 
-    def loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
-        self.zero_head_grads()
+    def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         logits = self.uni_logits(out, target)
         uni = torch.stack([self.task.loss(z, target) for z in logits])
         with torch.no_grad():
@@ -74,26 +75,39 @@ class InfoReg(HeadMethod):
         return task_loss + uni.sum()
 
     def _snapshot(self) -> list[list[Tensor]]:
-        return [[p.detach().clone() for p in ps] for ps in modality_params(self.model, self.modalities)]
+        return [[p.detach().clone() for p in ps] for ps in self.modality_parameter_groups()]
 
-    def after_backward(self) -> None:
-        groups = modality_params(self.model, self.modalities)
+    def edit_gradients(self) -> None:
+        groups = self.modality_parameter_groups()
         grads = [p.grad for ps in groups for p in ps if p.grad is not None]
+        self._staged_fisher = None
         if grads:
             f = torch.stack(torch._foreach_norm(grads)).square().sum()
             self.record("fisher", f)
-            self.fisher_sum = f if self.fisher_sum is None else self.fisher_sum + f
-            self.fisher_steps += 1
-        if self.anchor is None:
-            self.anchor = self._snapshot()
+            self._staged_fisher = f  # counted when the step is taken
+        anchor = self._staged_anchor = self.anchor if self.anchor is not None else self._snapshot()
         if not self.active or self.coef is None:
             return
         with torch.no_grad():
-            for i, (ps, anchor) in enumerate(zip(groups, self.anchor)):
+            for i, (ps, ref) in enumerate(zip(groups, anchor)):
                 c = self.coef[i]
-                for p, a in zip(ps, anchor):
+                for p, a in zip(ps, ref):
                     if p.grad is not None:
                         p.grad.add_((p.detach() - a) * c.to(p.dtype))
+
+    def commit(self, scaler=None) -> None:
+        super().commit(scaler)
+        if self._staged_fisher is not None:
+            f = self._staged_fisher
+            self.fisher_sum = f if self.fisher_sum is None else self.fisher_sum + f
+            self.fisher_steps += 1
+        if self.anchor is None:
+            self.anchor = self._staged_anchor
+        self._staged_fisher, self._staged_anchor, self.coef = None, None, None
+
+    def discard(self) -> None:
+        super().discard()
+        self._staged_fisher, self._staged_anchor, self.coef = None, None, None
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         super().on_epoch_start(ctx)
@@ -115,7 +129,7 @@ class InfoReg(HeadMethod):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(active=self.active, traces=list(self.traces), fisher_sum=self.fisher_sum,
-                     fisher_steps=self.fisher_steps, anchor=self.anchor, coef=self.coef)
+                     fisher_steps=self.fisher_steps, anchor=self.anchor)
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -125,4 +139,3 @@ class InfoReg(HeadMethod):
         self.fisher_sum, self.fisher_steps = state.get("fisher_sum"), int(state.get("fisher_steps", 0))
         a = state.get("anchor")
         self.anchor = None if a is None else [[t.clone() for t in ps] for ps in a]
-        self.coef = state.get("coef")

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import distributed
 from ..types import ModelOutput
-from ._common import HeadMethod, modality_params
+from ._common import HeadMethod
 from .base import Support
 from .registry import register_method
 
@@ -73,13 +73,16 @@ class MMPareto(HeadMethod):
         self._parts: tuple[Tensor, list[Tensor]] | None = None
 
     def setup(self) -> None:
-        modality_params(self.model, self.modalities)
+        self.modality_parameter_groups()
 
-    def loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
-        self.zero_head_grads()
+    def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         uni = [self.task.loss(z, target) for z in self.uni_logits(out, target)]
         self._parts = (task_loss, uni)
         return task_loss + torch.stack(uni).sum()
+
+    def discard(self) -> None:
+        super().discard()
+        self._parts = None
 
     def _grads(self, loss: Tensor, params: list[torch.nn.Parameter]) -> list[Tensor]:
         gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
@@ -93,13 +96,13 @@ class MMPareto(HeadMethod):
             gs = out
         return gs
 
-    def backward(self, loss: Tensor) -> None:
+    def compute_gradients(self, loss: Tensor) -> None:
         if self._parts is None:
             loss.backward()
             return
         l_mm, uni = self._parts
         self._parts = None
-        groups = modality_params(self.model, self.modalities)
+        groups = self.modality_parameter_groups()
         combined = []
         for i, ps in enumerate(groups):
             if not ps:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ._common import modality_params, predict_only
+from ._common import predict_only
 from .base import EpochContext, Method, Support, UnsupportedSettingError
 from .registry import register_method
 
@@ -55,7 +55,7 @@ class MSLR(Method):
         self.history: list[list[float]] = []
 
     def setup(self) -> None:
-        modality_params(self.model, self.modalities)  # raises if the model cannot split parameters
+        self.modality_parameter_groups()  # raises if the model cannot split parameters
         s = self.lr_scales_arg
         if s is None:
             scales = {m: 1.0 for m in self.modalities}
@@ -79,28 +79,28 @@ class MSLR(Method):
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         groups = [{"params": ps, "lr_scale": self.lr_scales[m]}
-                  for m, ps in zip(self.modalities, modality_params(model, self.modalities)) if ps]
+                  for m, ps in zip(self.modalities, self.modality_parameter_groups(model)) if ps]
         shared = [p for p in model.shared_parameters() if p.requires_grad]
         if shared:
             groups.append({"params": shared, "lr_scale": self.shared_lr_scale})
         return groups
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def update(self, take_step) -> bool:
         mult = self.multipliers
         for m, c in zip(self.modalities, mult):
             self.record(f"lr_mult/{m}", torch.tensor(c))
         if all(c == 1.0 for c in mult):
-            optimizer.step()
-            return
-        groups = modality_params(self.model, self.modalities)
+            return take_step()
+        groups = self.modality_parameter_groups()
         before = [torch._foreach_mul(ps, 1.0) if ps else [] for ps in groups]
-        optimizer.step()
+        taken = take_step()
         with torch.no_grad():
             for ps, old, c in zip(groups, before, mult):
                 if ps and c != 1.0:
                     torch._foreach_sub_(ps, old)
                     torch._foreach_mul_(ps, c)
                     torch._foreach_add_(ps, old)
+        return taken
 
     def unimodal_accuracy(self, ctx: EpochContext) -> list[float]:
         """Each modality's validation accuracy with the other modalities' features zeroed."""

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import distributed
 from ..types import ModelOutput
-from ._common import in_window, modality_params, others_mean, predict_only, true_class_prob
+from ._common import in_window, others_mean, predict_only, true_class_prob
 from .base import Method, Support
 from .registry import register_method
 
@@ -48,7 +48,10 @@ class OGMGE(Method):
     applied only for epochs in [start_epoch, end_epoch]. Only the fused loss is back-propagated.
     Deviation from the authors' code: it modulates only 4-D (conv) weights found by name; here
     every trainable parameter of the encoder (``model.modality_parameters()``) is modulated.
-    Scores are summed over DDP ranks, so every rank applies the same k.
+    Scores are summed over DDP ranks, so every rank applies the same k; the noise comes from the
+    method's own generator, seeded identically on every rank (``seed``, default: the process's
+    torch seed, ``torch.initial_seed()``, taken from rank 0), so the replicas stay identical; its
+    state is saved with the method and restored when a step is skipped.
     Records ``ratio/<m>`` and ``k/<m>``.
     """
 
@@ -56,18 +59,32 @@ class OGMGE(Method):
     support = Support(tasks=("classification",), needs="a model that declares modality_parameters()")
 
     def __init__(self, alpha: float = 0.8, noise: bool = True, start_epoch: int = 0, end_epoch: int | None = None,
-                 offset: float = 0.0) -> None:
+                 offset: float = 0.0, seed: int | None = None) -> None:
         super().__init__()
         if not alpha >= 0:
             raise ValueError(f"OGM alpha must be >= 0, got {alpha}.")
         self.alpha, self.noise, self.offset = float(alpha), bool(noise), float(offset)
         self.start_epoch, self.end_epoch = int(start_epoch), end_epoch
-        self.k: Tensor | None = None
+        self.seed = seed
+        self.k: Tensor | None = None  # this step's coefficients (staged by compute_loss)
+        self.generator: torch.Generator | None = None
+        self._generator_state: Tensor | None = None  # saved or loaded state, applied when built
+        self._before_noise: Tensor | None = None
 
     def setup(self) -> None:
-        modality_params(self.model, self.modalities)
+        self.modality_parameter_groups()
 
-    def loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
+    def _noise_generator(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            seed = self.seed if self.seed is not None else distributed.broadcast_object(torch.initial_seed())
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(int(seed) % 2**63)
+            if self._generator_state is not None:
+                self.generator.set_state(self._generator_state.cpu())
+                self._generator_state = None
+        return self.generator
+
+    def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         with torch.no_grad():
             feats = [h.detach() for h in out.features]
             scores = torch.stack([true_class_prob(predict_only(self.model, feats, out.masks, [i]), target).sum()
@@ -79,31 +96,45 @@ class OGMGE(Method):
             self.record(f"k/{m}", self.k[i])
         return task_loss
 
-    def after_backward(self) -> None:
+    def edit_gradients(self) -> None:
         if self.k is None or not in_window(self.epoch, self.start_epoch, self.end_epoch):
             return
         with torch.no_grad():
-            for i, ps in enumerate(modality_params(self.model, self.modalities)):
+            for i, ps in enumerate(self.modality_parameter_groups()):
                 for p in ps:
                     if p.grad is None:
                         continue
                     g = p.grad
                     k = self.k[i].to(device=g.device, dtype=g.dtype)
                     if self.noise:
+                        gen = self._noise_generator(g.device)
+                        if self._before_noise is None:
+                            self._before_noise = gen.get_state()
                         std = g.std() if g.numel() > 1 else torch.zeros((), device=g.device, dtype=g.dtype)
                         std = torch.nan_to_num(std) + 1e-8
-                        p.grad = g * k + torch.randn_like(g) * std
+                        noise = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
+                        p.grad = g * k + noise * std
                     else:
                         p.grad = g * k
 
+    def commit(self, scaler=None) -> None:
+        self.k, self._before_noise = None, None
+
+    def discard(self) -> None:
+        if self._before_noise is not None:
+            self.generator.set_state(self._before_noise)
+        self.k, self._before_noise = None, None
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["k"] = self.k
+        gen = self.generator.get_state() if self.generator is not None else self._generator_state
+        state["noise_generator"] = gen
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
-        self.k = state.get("k")
+        gen = state.get("noise_generator")
+        self.generator, self._generator_state = None, (None if gen is None else gen.cpu())
 
 
 @register_method("ogm")

@@ -17,9 +17,14 @@ from .base import EpochContext, Method, Support
 from .registry import register_method
 
 
-def prototype_logits(h: Tensor, prototypes: Tensor) -> Tensor:
-    """``-||h - c_k||^2`` for pooled features ``[B, D]`` and prototypes ``[C, D]``: ``[B, C]``."""
-    return -(h.unsqueeze(1) - prototypes.unsqueeze(0).to(h.dtype)).square().sum(-1)
+def prototype_logits(h: Tensor, prototypes: Tensor, distance: str = "euclidean") -> Tensor:
+    """``-||h - c_k||`` (``euclidean``, as the authors' code) or ``-||h - c_k||^2`` (``squared``)
+    for pooled features ``[B, D]`` and prototypes ``[C, D]``: ``[B, C]``. The Euclidean distance is
+    floored at 1e-6 so its gradient stays finite when a feature sits on a prototype."""
+    sq = (h.unsqueeze(1) - prototypes.unsqueeze(0).to(h.dtype)).square().sum(-1)
+    if distance == "squared":
+        return -sq
+    return -sq.clamp_min(1e-12).sqrt()
 
 
 @register_method("pmr")
@@ -38,7 +43,8 @@ class PMR(Method):
         L = L_task + sum_m beta_m CE(p_m, y),   beta_m = alpha if rho_m < 1 else 0,
 
     so the prototype loss acts on the weaker modality only and pulls its encoder towards
-    class-separable features (prototypes are constants). This follows the authors' code (a
+    class-separable features (prototypes are constants). Distances are Euclidean, as in the
+    authors' code (``distance="squared"`` gives the squared distance instead). This follows the authors' code (a
     constant alpha on the weaker modality, peers.md 2.2); the paper's prototype-entropy
     regulariser on the dominant modality (early epochs) is not implemented. For M > 2 the
     ratio to the others' mean is an extension. Before the first epoch hook (e.g. in a user loop
@@ -49,8 +55,13 @@ class PMR(Method):
     name = "pmr"
     support = Support(tasks=("classification",), needs="per-modality vector or sequence features")
 
-    def __init__(self, alpha: float = 0.6, momentum: float = 0.5, start_epoch: int = 0, end_epoch: int | None = None) -> None:
+    def __init__(self, alpha: float = 0.6, momentum: float = 0.5, start_epoch: int = 0, end_epoch: int | None = None,
+                 distance: str = "euclidean") -> None:
         super().__init__()
+        if distance not in ("euclidean", "squared"):
+            raise ValueError(f"PMR distance must be 'euclidean' or 'squared', got {distance!r}.")
+        self.distance = distance
+        self._staged_prototypes: list[Tensor] | None = None
         if not alpha >= 0:
             raise ValueError(f"PMR alpha must be >= 0, got {alpha}.")
         if not 0 <= momentum < 1:
@@ -99,14 +110,15 @@ class PMR(Method):
         else:
             self.prototypes = [self.momentum * old + (1 - self.momentum) * c for old, c in zip(self.prototypes, new)]
 
-    def loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
+    def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         pooled = [pool(h, out.mask(i)) for i, h in enumerate(out.features)]
-        if self.prototypes is None:
+        prototypes = self.prototypes
+        if prototypes is None:  # kept when the step is taken
             with torch.no_grad():
                 det = [h.detach().float() for h in pooled]
                 sums, counts = self._class_means(det, target)
-                self.prototypes = self._means(sums, counts, [h.mean(0) for h in det])
-        logits = [prototype_logits(h, c.to(h.device)) for h, c in zip(pooled, self.prototypes)]
+                prototypes = self._staged_prototypes = self._means(sums, counts, [h.mean(0) for h in det])
+        logits = [prototype_logits(h, c.to(h.device), self.distance) for h, c in zip(pooled, prototypes)]
         with torch.no_grad():
             scores = distributed.all_reduce_sum(torch.stack([true_class_prob(z, target).sum() for z in logits]))
             rho = scores / others_mean(scores).clamp_min(1e-12)
@@ -118,6 +130,14 @@ class PMR(Method):
             return task_loss
         extra = sum(beta[i] * F.cross_entropy(z, target) for i, z in enumerate(logits))
         return task_loss + extra
+
+    def commit(self, scaler=None) -> None:
+        if self.prototypes is None and self._staged_prototypes is not None:
+            self.prototypes = self._staged_prototypes
+        self._staged_prototypes = None
+
+    def discard(self) -> None:
+        self._staged_prototypes = None
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -59,8 +59,7 @@ class QMF(HeadMethod):
             raise ValueError(f"QMF temperature must be > 0, got {temperature}.")
         self.temperature, self.rank_weight = float(temperature), float(rank_weight)
 
-    def loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
-        self.zero_head_grads()
+    def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         logits = self.uni_logits(out, target)
         fused, conf = qmf_fuse(logits, self.temperature)
         loss = F.cross_entropy(fused, target) + sum(F.cross_entropy(z, target) for z in logits)

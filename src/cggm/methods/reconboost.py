@@ -87,8 +87,7 @@ class ReconBoost(HeadMethod):
             h = model_copy.encode(inputs, masks)[m]
             return head_copy(h, out.mask(m))
 
-    def loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
-        self.zero_head_grads()
+    def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         m = self.active
         logits = self.uni_logits(out, target)
         prev = self._previous_logits(out)
@@ -102,9 +101,10 @@ class ReconBoost(HeadMethod):
             loss = loss + self.alpha * ga
         return loss
 
-    def apply_update(self, optimizer: torch.optim.Optimizer) -> None:
-        super().apply_update(optimizer)
-        if self.stage_steps is not None and self.global_step % self.stage_steps == 0:
+    def commit(self, scaler=None) -> None:
+        super().commit(scaler)
+        # (the base class counts this step after commit: global_step + 1 steps are now taken)
+        if self.stage_steps is not None and (self.global_step + 1) % self.stage_steps == 0:
             self.stage += 1
 
     def on_epoch_end(self, ctx: EpochContext) -> None:

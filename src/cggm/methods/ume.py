@@ -29,8 +29,7 @@ class UME(HeadMethod):
     ddp_find_unused_parameters = True
     support = Support(tasks=("classification", "regression"), needs="per-modality features", ddp=False)
 
-    def loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
-        self.zero_head_grads()
+    def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         losses = [self.task.loss(z, target) for z in self.uni_logits(out, target)]
         for m, loss_m in zip(self.modalities, losses):
             self.record(f"L/{m}", loss_m.detach())

@@ -83,13 +83,13 @@ class UMT(Method):
         return {m: x if m == keep else torch.zeros_like(x) for m, x in inputs.items()}
 
     def teacher_features(self, target: Tensor) -> list[Tensor]:
-        """Train the online teachers one step (if any) and return their detached features."""
+        """The teachers' detached features; online teachers also get their loss's gradients here
+        (their optimizer steps in :meth:`commit`, when the model's step is taken)."""
         if self._batch is None:
             raise RuntimeError("UMT needs the batch's inputs: call method.prepare(inputs, masks) before the forward.")
         inputs, masks = self._batch
         feats = []
         if self.online:
-            self.teacher_opt.zero_grad(set_to_none=True)
             total = 0.0
             for i, (m, t) in enumerate(zip(self.modalities, self.teachers)):
                 out = t(self._only(inputs, m), masks)
@@ -98,15 +98,13 @@ class UMT(Method):
                 total = total + loss
                 feats.append(out.features[i].detach())
             total.backward()
-            distributed.average_gradients(self.teachers.parameters())
-            self.teacher_opt.step()
         else:
             with torch.no_grad():
                 for i, (m, t) in enumerate(zip(self.modalities, self.teachers)):
                     feats.append(t.encode(self._only(inputs, m), masks)[i].detach())
         return feats
 
-    def loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
+    def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         teacher = self.teacher_features(target)
         self._batch = None
         distill = []
@@ -115,6 +113,16 @@ class UMT(Method):
             self.record(f"distill/{m}", d.detach())
             distill.append(d)
         return task_loss + self.lam * torch.stack(distill).sum()
+
+    def commit(self, scaler=None) -> None:
+        if self.online:
+            distributed.average_gradients(self.teachers.parameters())
+            self.teacher_opt.step()
+            self.teacher_opt.zero_grad(set_to_none=True)
+
+    def discard(self) -> None:
+        if self.online:
+            self.teacher_opt.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

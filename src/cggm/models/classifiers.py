@@ -86,4 +86,6 @@ def build_classifier(feature: Tensor, hidden: int, num_outputs: int, sequence_la
             f"No default classifier for features of shape {tuple(feature.shape)}; expected [B, D], [B, T, D] "
             f"or [B, C, H, W]. Pass classifiers=... to use your own."
         )
-    return clf.to(device=feature.device, dtype=feature.dtype if feature.is_floating_point() else torch.float32)
+    # fp32 master weights whatever the features' dtype (bf16 / fp16 under autocast); float64 stays
+    dtype = torch.float64 if feature.dtype == torch.float64 else torch.float32
+    return clf.to(device=feature.device, dtype=dtype)

@@ -181,6 +181,7 @@ class Trainer:
             self.train_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=ids, find_unused_parameters=bool(getattr(method, "ddp_find_unused_parameters", False)))
         self.optimizer = self._make_optimizer()
+        self.method.set_optimizer(self.optimizer)
         self.scheduler = None
         self.select_name, self.select_mode = selection_metric(self.task)
         if self.config.select_metric:
@@ -364,11 +365,11 @@ class Trainer:
             batch_index = skip
             for batch_index, batch in enumerate(self._batches("train", epoch, skip, shard=True), start=skip):
                 loss = self._train_step(*batch, epoch=epoch, batch_index=batch_index, last=last)
-                if loss is not None:
+                if loss is not None:  # (a skipped step's records describe a step that was not taken)
                     loss_sum += loss.detach()
                     steps += 1
-                for k, v in self.method.records().items():
-                    epoch_records.setdefault(k, []).append(v)
+                    for k, v in self.method.records().items():
+                        epoch_records.setdefault(k, []).append(v)
                 if per_step:
                     self.scheduler.step()
                 if c.checkpoint_every and (batch_index + 1) % c.checkpoint_every == 0 \
@@ -431,8 +432,7 @@ class Trainer:
         task_loss = self.task.loss(out.prediction, target)
         loss = self.method.loss(out, target, task_loss)
         self.optimizer.zero_grad(set_to_none=True)
-        self.method.backward(loss)
-        self.method.after_backward()  # gradient edits (noise, scaling) are clipped and checked too
+        self.method.backward(loss)  # gradient edits (B, noise, ...) happen here, so they are clipped and checked
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if c.clip_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad_norm)
@@ -450,15 +450,17 @@ class Trainer:
             where = (f"step {self.method.global_step} (epoch {epoch}, batch {batch_index}): loss={float(check[0]):.4g}, "
                      f"gradient norm={float(check[1]):.4g}")
             if c.on_nonfinite == "skip":
-                self.skipped_steps += 1
+                # nothing moves: not the model, not the method's classifiers, heads or statistics
+                self.method.skip()
                 self.optimizer.zero_grad(set_to_none=True)
-                self.method.global_step += 1
+                self.skipped_steps += 1
                 self._log(f"skipped non-finite {where} (skipped so far: {self.skipped_steps})")
                 return None
+            self.method.skip()
             kept = f" The last good checkpoint is kept at {last}." if last is not None and last.exists() else ""
             raise NonFiniteError(f"Training diverged at {where}.{kept} Lower the learning rate, enable "
                                  f"clip_grad_norm, or set on_nonfinite='skip'.")
-        self.method.apply_update(self.optimizer)
+        self.method.step(self.optimizer)
         return loss
 
     @staticmethod
