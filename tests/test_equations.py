@@ -155,7 +155,8 @@ def robust01(prev, now, rho, tau):
     return rho * (s - d + tau * (m - 1) / m) / (s + tau)
 
 
-def one_step(model, method, opt, x, y, task=Task("classification", 3)):
+def one_step(model, method, opt, x, y):
+    task = method.task
     out = model(x)
     loss = method.loss(out, y, task.loss(out.prediction, y))
     opt.zero_grad()
