@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cggm import runner
+from cggm import report, runner
 from cggm.config import load_config
 from cggm.data import DataSplits, MultimodalDataset
 from cggm.data.registry import DATASETS
@@ -119,6 +119,23 @@ def test_bench_runs_variants_with_the_configured_options_and_others_with_their_d
     assert "cggm_magnitude: cggm's options rho=1.1, classifier_layers=2; not lam=0.3 (cggm_magnitude sets it itself)" \
         in text
     assert "umt: its own default options" in text
+
+
+def test_run_benchmark_gives_each_method_its_comparison_options(monkeypatch):
+    seen = {}
+
+    def fake_run_one(cfg, data, label, method, options, seed, keep_records=False):
+        seen[label] = options
+        return {"dataset": data.name, "label": label, "method": method, "options": options, "seed": seed,
+                "metric": "accuracy", "test": 0.5, "probe": {}, "drop": {m: 0.0 for m in data.modalities},
+                "seconds_per_epoch": 0.1, "best_epoch": 0, "records": {}}
+
+    monkeypatch.setattr(report, "run_one", fake_run_one)
+    cfg = load_config(overrides=TINY + ["method.name=cggm", "method.options={rho: 1.1, classifier_layers: 2}"])
+    run_benchmark(cfg, ["synthetic"], ["joint", "cggm", "cggm_paper", "unimodal"], [0], log=lambda _: None)
+    assert seen == {"joint": {}, "cggm": {"rho": 1.1, "classifier_layers": 2},
+                    "cggm_paper": {"rho": 1.1, "classifier_layers": 2},
+                    "unimodal[strong]": {"modality": "strong"}, "unimodal[weak]": {"modality": "weak"}}
 
 
 # -- 2. a benchmark skips a refused setting, and nothing else ------------------------------------------

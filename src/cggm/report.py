@@ -23,6 +23,9 @@ Per (dataset, method) it summarises over seeds: mean, std and the 95% t-interval
 to joint training paired by seed (same seed = same initial weights and batch order), with its
 95% t-interval. ``unimodal`` is expanded into one run per modality (``unimodal[m]``): its accuracy
 is what that modality alone reaches with this model and budget.
+
+Method options are per method (:func:`cggm.runner.comparison_options`): the configured method and
+its variants run with the configured options they take, every other method with its own defaults.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from .data.registry import load_dataset
 from .diagnostics.probe import probe_encoders
 from .methods.base import UnsupportedSettingError
 from .metrics.tracker import MetricTracker
-from .runner import build_trainer, summarize
+from .runner import build_trainer, comparison_options, summarize
 
 #: the metric a report shows per task kind, and whether higher (``max``) or lower (``min``) is better
 HEADLINE = {"classification": ("accuracy", "max"), "regression": ("mae", "min"), "segmentation": ("dice_mean", "max")}
@@ -149,15 +152,20 @@ def method_variants(methods: Sequence[str], modalities: Sequence[str]) -> list[t
 
 def run_benchmark(cfg: dict[str, Any], datasets: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
                   dataset_options: dict[str, dict] | None = None, records_dir: str | Path | None = None,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every dataset x method x seed with ``cfg``'s model and training budget.
+                  log: Callable[[str], None] = print, method_options: dict[str, dict] | None = None) -> dict[str, Any]:
+    """Every dataset x method x seed with ``cfg``'s model and training budget, each method with its
+    options of :func:`cggm.runner.comparison_options` (``method_options[name]`` on top).
 
     A method that refuses a setting (:class:`~cggm.methods.UnsupportedSettingError`, e.g. one built
     for 2 modalities on 4) is recorded as skipped with its reason, and the rest goes on; any other
     error is a bug and propagates. ``records_dir`` receives each method's per-step records of the
     first seed (``<dataset>/<label>.json``) for :func:`cggm.diagnostics.plots`."""
     t0 = time.perf_counter()
-    out = {"config": cfg, "seeds": [int(s) for s in seeds], "methods": list(methods), "datasets": []}
+    per_method, notes = comparison_options(cfg, methods, method_options)
+    for line in notes:
+        log(f"options of {line}")
+    out = {"config": cfg, "seeds": [int(s) for s in seeds], "methods": list(methods), "method_options": per_method,
+           "datasets": []}
     for ds in datasets:
         opts = dict((dataset_options or {}).get(ds, {}))
         if not opts and cfg.get("dataset", {}).get("name") == ds:
@@ -167,7 +175,8 @@ def run_benchmark(cfg: dict[str, Any], datasets: Sequence[str], methods: Sequenc
         entry = {"name": ds, "options": opts, "description": data.description, "modalities": list(data.modalities),
                  "sizes": {k: len(getattr(data, k)) for k in ("train", "val", "test")}, "runs": [], "skipped": {}}
         t_ds = time.perf_counter()
-        for label, name, options in method_variants(methods, data.modalities):
+        for label, name, variant in method_variants(methods, data.modalities):
+            options = {**per_method.get(name, {}), **variant}
             for seed in seeds:
                 keep = records_dir is not None and seed == seeds[0]
                 try:
