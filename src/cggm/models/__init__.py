@@ -1,6 +1,6 @@
 """Reference models and the model contract."""
 
-from . import paper  # noqa: F401,E402  (registers "paper_transformer" and "paper_seg")
+from . import paper, resnet  # noqa: F401,E402  (registers "paper_transformer", "paper_seg" and "resnet18")
 from .base import LateFusionModel, MultimodalModel, head_layer_hidden
 from .blocks import ConcatFusion, Head, MLPEncoder, SequenceEncoder, TokenFusion, pool
 from .classifiers import MapClassifier, SequenceClassifier, VectorClassifier, build_classifier
