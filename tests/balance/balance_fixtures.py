@@ -148,21 +148,21 @@ def write_ave(root: Path, per_class=(4, 1, 2), frames=5, spec_shape=(20, 30), st
 
 # -- raw videos and a stand-in for ffmpeg ---------------------------------------------------------
 FAKE_FFMPEG = r'''#!{python}
-"""Stands in for ffmpeg in tests: writes 3 JPEG frames for "-vf fps=N ... pattern", or a 1 s 16 kHz wav."""
-import sys, wave
-import numpy as np
+"""Stands in for ffmpeg in tests: writes 3 JPEG frames for "-vf fps=N ... pattern", or a 1 s wav."""
+import math, sys, wave
+from array import array
 args = sys.argv[1:]
 out = args[-1]
-src = open(args[args.index("-i") + 1], "rb").read()
+size = len(open(args[args.index("-i") + 1], "rb").read())
 if "-vf" in args:
     from PIL import Image
     for i in range(3):
-        Image.fromarray(np.full((12, 16, 3), (40 * i + len(src)) % 255, np.uint8)).save(out % (i + 1))
+        Image.new("RGB", (16, 12), ((40 * i + size) % 255, 90, 30)).save(out % (i + 1))
 else:
     rate = int(args[args.index("-ar") + 1])
     with wave.open(out, "wb") as w:
         w.setnchannels(1); w.setsampwidth(2); w.setframerate(rate)
-        w.writeframes((np.sin(np.arange(rate) * 0.05) * 8000).astype("<i2").tobytes())
+        w.writeframes(array("h", (int(8000 * math.sin(0.05 * i)) for i in range(rate))).tobytes())
 '''
 
 
