@@ -20,6 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 sys.path.insert(0, str(ROOT / "tests" / "paper"))
+sys.path.insert(0, str(ROOT / "tests" / "balance"))
 
 TINY_SEQ = ["model.options.d_model=8", "model.options.heads=2", "model.options.encoder_layers=1",
             "model.options.fusion_layers=1", "method.options.classifier_layers=1"]
@@ -63,6 +64,11 @@ def _make_fixture(preset: str, path: Path) -> list[str]:
         fx.write_brats(path)
         return RUN + ["model.options.width=2", "dataset.options.crop=16", "dataset.options.fractions=[0.5, 0.25, 0.25]",
                       "dataset.options.slices_per_case=4", "dataset.options.workers=1"]
+    if preset in ("cremad", "kinetics_sounds", "ave"):
+        pytest.importorskip("PIL")
+        import balance_fixtures as bfx
+
+        return bfx.write_for_preset(preset, path) + RUN
     raise AssertionError(f"README names a preset with no fixture here: {preset}")
 
 
@@ -90,6 +96,7 @@ def test_shell_examples(block, tmp_path):
 def _run(command: str, tmp_path: Path) -> None:
     argv = shlex.split(command)
     extra: list[str] = []
+    env = None
     if argv[:2] == ["make", "demo"]:
         argv = ["cggm", "demo", "--seeds", "1", "--epochs", "2", "--output", "demo_output"]
     if "--data-path" in argv:
@@ -98,13 +105,23 @@ def _run(command: str, tmp_path: Path) -> None:
         fixture = tmp_path / "data" / preset
         argv[i + 1] = str(fixture)
         extra = [a for o in _make_fixture(preset, fixture) for a in ("--set", o)]
+    if argv[:3] == ["python", "-m", "cggm.data.balance.prepare"]:
+        # raw videos at the path it names, and a stand-in ffmpeg on PATH
+        pytest.importorskip("PIL")
+        import balance_fixtures as bfx
+
+        i = argv.index("--root")
+        argv[i + 1] = str(bfx.write_raw_videos(argv[3], tmp_path / "raw" / argv[3]))
+        env = bfx.env_with_fake_ffmpeg(tmp_path / "bin")
     if argv[0] == "cggm":
         argv = [sys.executable, "-m", "cggm"] + argv[1:]
     elif argv[0] == "torchrun":
         argv = [sys.executable, "-m", "torch.distributed.run"] + argv[1:]
+    elif env is not None:
+        argv = [sys.executable] + argv[1:]
     else:
         raise AssertionError(f"the README test does not know how to run: {command}")
-    proc = subprocess.run(argv + extra, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(argv + extra, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, f"{command}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     if "demo" in argv:
         assert (tmp_path / "demo_output" / "demo.png").stat().st_size > 0

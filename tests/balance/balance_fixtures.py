@@ -191,3 +191,35 @@ def write_raw_cremad(root: Path, classes=("ANG", "HAP"), per_class=(5, 2)) -> di
         for clip, _ in r:
             (root / "VideoFlash" / f"{clip}.flv").write_bytes(b"FLV stand-in " + clip.encode())
     return rows
+
+
+def write_raw_videos(dataset: str, root: Path) -> Path:
+    """What ``python -m cggm.data.balance.prepare <dataset>`` starts from (stand-in video files)."""
+    if dataset == "cremad":
+        write_raw_cremad(root)
+        return root
+    folder = root / ("AVE" if dataset == "ave" else "videos/train")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(3):
+        (folder / f"clip{i}XyZ.mp4").write_bytes(b"mp4 stand-in %d" % i)
+    return root
+
+
+# -- tiny runs of the presets ---------------------------------------------------------------------
+TINY = ["model.options.width=4", "dataset.options.image_size=32"]
+
+
+def write_for_preset(preset: str, root: Path) -> list[str]:
+    """A tiny copy of the preset's dataset at ``root`` (8 training clips: two steps at batch size 4);
+    returns the overrides that shrink the run (ResNet width, frame size, spectrogram size, frames)."""
+    if preset == "cremad":
+        write_cremad(root, classes=("ANG", "HAP"), per_class=(5, 2))
+        return TINY + ["dataset.options.val_fraction=0.2",
+                       "dataset.options.audio_options={num_samples: 4096, n_fft: 128, hop_length: 64}"]
+    if preset == "kinetics_sounds":
+        write_kinetics_sounds(root, classes=(3, 12), per_class=(5, 2), frames=4, spec_shape=(48, 32))
+        return TINY + ["dataset.options.val_fraction=0.2", "dataset.options.frames=2"]
+    if preset == "ave":
+        write_ave(root, per_class=(3, 1, 1), frames=3, spec_shape=(40, 60))  # 9 listed, 1 dropped: 8 train clips
+        return TINY + ["dataset.options.frames=2"]
+    raise ValueError(f"no audio-visual fixture for preset {preset!r}")

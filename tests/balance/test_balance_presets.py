@@ -3,39 +3,24 @@ through overrides only (ResNet width, frame size, spectrogram size), one epoch o
 steps through the public engine on a fixture in the dataset's real layout, on CPU."""
 
 import math
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("PIL")
 pytest.importorskip("yaml")
 
-from balance_fixtures import write_ave, write_cremad, write_kinetics_sounds
+from balance_fixtures import write_for_preset
 
 from cggm.config import load_config
 from cggm.runner import build_trainer
 
 # 8 training clips at batch size 4: two training steps in one epoch
 RUN = ["train.epochs=1", "train.batch_size=4", "train.eval_batch_size=8", "train.progress=false"]
-TINY = ["model.options.width=4", "dataset.options.image_size=32"]
-
-
-def fixture(preset: str, root: Path) -> list[str]:
-    """Write a tiny copy of the preset's dataset at ``root``; return the overrides that shrink the run."""
-    if preset == "cremad":
-        write_cremad(root, classes=("ANG", "HAP"), per_class=(5, 2))
-        return TINY + ["dataset.options.val_fraction=0.2",
-                       "dataset.options.audio_options={num_samples: 4096, n_fft: 128, hop_length: 64}"]
-    if preset == "kinetics_sounds":
-        write_kinetics_sounds(root, classes=(3, 12), per_class=(5, 2), frames=4, spec_shape=(48, 32))
-        return TINY + ["dataset.options.val_fraction=0.2", "dataset.options.frames=2"]
-    write_ave(root, per_class=(3, 1, 1), frames=3, spec_shape=(40, 60))  # 9 listed, 1 dropped: 8 train clips
-    return TINY + ["dataset.options.frames=2"]
 
 
 @pytest.mark.parametrize("preset", ["cremad", "kinetics_sounds", "ave"])
 def test_balance_preset_smoke(preset, tmp_path):
-    overrides = fixture(preset, tmp_path / preset)
+    overrides = write_for_preset(preset, tmp_path / preset)
     cfg = load_config(preset=preset, overrides=[f"dataset.options.path={tmp_path / preset}", *overrides, *RUN])
     assert cfg["method"]["name"] == "cggm" and cfg["model"]["arch"] == "resnet18"
     assert (cfg["train"]["optimizer"], cfg["train"]["lr"], cfg["train"]["momentum"], cfg["train"]["weight_decay"]) == \
