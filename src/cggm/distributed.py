@@ -41,8 +41,11 @@ def weighted_mean(values: Tensor, weight: Tensor | float) -> Tensor:
     """The mean over ranks of ``values`` (a local mean over ``weight`` samples), weighted by sample count."""
     if not is_distributed():
         return values
-    w = torch.as_tensor(weight, dtype=values.dtype, device=values.device)
-    packed = torch.cat([values.reshape(-1) * w, w.reshape(1)])
+    if isinstance(weight, Tensor):
+        w = weight.to(dtype=values.dtype, device=values.device).reshape(1)
+    else:  # a fill on the device, not a host-to-device copy
+        w = torch.full((1,), float(weight), dtype=values.dtype, device=values.device)
+    packed = torch.cat([values.reshape(-1) * w, w])
     packed = all_reduce_sum(packed)
     return (packed[:-1] / packed[-1]).reshape(values.shape)
 

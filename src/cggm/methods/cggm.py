@@ -62,7 +62,7 @@ from .. import distributed
 from ..models.base import head_layer_hidden
 from ..models.classifiers import build_classifier
 from ..types import ModelOutput
-from .base import Method, ProtocolError, Support
+from .base import Method, ProtocolError, Support, UnsupportedSettingError
 from .improvement import ImprovementRule, build_rule
 from .registry import register_method
 
@@ -275,7 +275,7 @@ class CGGM(Method):
                 f"'auto'), or a bounded rule (rule='robust').")
         if self.task is not None:
             if self.metric == "sign_accuracy" and self.task.kind != "regression":
-                raise ValueError(f"CGGM metric='sign_accuracy' is for regression, not {self.task.kind!r}.")
+                raise UnsupportedSettingError(f"CGGM metric='sign_accuracy' is for regression, not {self.task.kind!r}.")
 
     def where_B_acts(self) -> str:
         """``"gradient"`` or ``"update"``: ``scale_on`` with ``"auto"`` resolved from the optimizer."""
@@ -315,6 +315,10 @@ class CGGM(Method):
     def setup(self) -> None:
         self._check_composition()
         self._sign_accuracy = self.task.kind == "regression" and self.metric in ("sign_accuracy", "official")
+        try:  # the head's last layer is compared with the classifiers': refuse now if there is none
+            head_layer_hidden(self.head_layer)
+        except TypeError as err:
+            raise UnsupportedSettingError(str(err)) from err
         if self.magnitude and self.scale_on == "update":
             self.modality_parameter_groups()  # raises now if they cannot be found or overlap
         if self.classifiers is not None:
@@ -329,7 +333,8 @@ class CGGM(Method):
             return self._head_layer
         layer = getattr(self.model, "head_layer", None)
         if layer is None:
-            raise TypeError("CGGM needs the fused head's last layer: pass head_layer=... or give the model a head_layer.")
+            raise UnsupportedSettingError(
+                "CGGM needs the fused head's last layer: pass head_layer=... or give the model a head_layer.")
         return layer
 
     def _build_classifiers(self, out: ModelOutput) -> None:
@@ -351,7 +356,7 @@ class CGGM(Method):
         for m, clf in zip(self.modalities, self.classifiers):
             have = tuple(clf.last.weight.shape)
             if have != want:
-                raise ValueError(
+                raise UnsupportedSettingError(
                     f"CGGM compares the fused head's last layer (weight {want}) with each classifier's last layer, "
                     f"but the classifier of {m!r} has {have}. The default classifiers end in a Linear or a 1x1 "
                     f"Conv2d: give the head such a last layer, or pass classifiers=... whose `last` matches it."
@@ -491,7 +496,7 @@ class CGGM(Method):
                 for i, (clf, h) in enumerate(zip(self.classifiers, out.features))
             ])
         n = float(target.shape[0])
-        row = torch.cat([vals * n, vals.new_tensor([n])])
+        row = torch.cat([vals * n, torch.full((1,), n, dtype=vals.dtype, device=vals.device)])
         self._eval_sums = row if self._eval_sums is None else self._eval_sums + row
 
     def eval_end(self) -> dict[str, float]:
