@@ -86,6 +86,30 @@ def test_robust_rule_stays_finite_and_bounded_over_100k_noisy_steps(M):
     assert worst_sum < 1e-4
 
 
+def test_underuse_rule_matches_formula_bounds_and_steers_by_level():
+    from cggm.methods import UnderuseRule
+
+    rho, T = 1.3, 0.05
+    rule = UnderuseRule(rho, beta=0.0, temperature=T)  # beta = 0: the level is the last metric
+    eps = torch.tensor([0.9, 0.5, 0.7])
+    B = rule(eps)
+    z = -(eps - eps.mean()) / T
+    expected = rho * 2 * torch.exp(z) / torch.exp(z).sum()
+    torch.testing.assert_close(B, expected)
+    assert float(B[1]) > float(B[2]) > float(B[0])  # the lowest level gets the largest factor
+    assert math.isclose(float(B.sum()), rho * 2, rel_tol=1e-5)
+    assert torch.allclose(UnderuseRule(rho)(torch.tensor([0.4, 0.4])), torch.full((2,), rho / 2))
+    # unlike Eq. 7: a converged strong modality (flat at 0.9) and a weak one still improving
+    # (0.3 -> 0.5): the robust rule gives the larger B to the converged one, this rule to the weak
+    robust, under = RobustRule(rho, beta=0.0, window=1), UnderuseRule(rho, beta=0.0, temperature=T)
+    for weak in (0.3, 0.4, 0.5):
+        Br, Bu = robust(torch.tensor([0.9, weak])), under(torch.tensor([0.9, weak]))
+    assert float(Br[0]) > float(Br[1]) and float(Bu[1]) > float(Bu[0])
+    for bad in ({"temperature": 0.0}, {"beta": 1.0}):
+        with pytest.raises(ValueError):
+            UnderuseRule(rho, **bad)
+
+
 def test_eq12_value():
     B = torch.tensor([0.4, 0.9, -0.2])
     cos = torch.tensor([0.5, -0.1, 0.3])

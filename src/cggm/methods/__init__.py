@@ -7,19 +7,21 @@ from functools import partial
 from . import joint, unimodal  # noqa: F401  (register "joint", "unimodal")
 from .base import EpochContext, Method, ProtocolError, Support, UnsupportedSettingError
 from .cggm import CGGM, DirectionTerm, GradientCosine, WeightCosine, gradient_modulation_loss
-from .improvement import ImprovementRule, PaperRule, RobustRule, build_rule
+from .improvement import ImprovementRule, PaperRule, RobustRule, UnderuseRule, build_rule
 from .registry import METHODS, build_method, list_methods, register_method
 
 # CGGM variants, by name (ablations of the paper's Table 6 and the official-code behaviour)
 # the paper's raw Eq. 7 acts on gradients, before clipping (Eq. 8); on updates its unbounded B is refused
 register_method("cggm_paper", partial(CGGM, rule="paper", scale_on="gradient"))
 register_method("cggm_official", CGGM.official)
+# ours: B from each classifier's level relative to the others' (under-use), not from improvement
+register_method("cggm_underuse", partial(CGGM, rule="underuse"))
 register_method("cggm_magnitude", partial(CGGM, lam=0.0, direction="off"))
 register_method("cggm_direction", partial(CGGM, magnitude=False))
 
 __all__ = [
     "CGGM", "METHODS", "DirectionTerm", "EpochContext", "GradientCosine", "ImprovementRule", "Method", "PaperRule",
-    "ProtocolError", "RobustRule", "Support", "UnsupportedSettingError", "WeightCosine", "build_method", "build_rule",
+    "ProtocolError", "RobustRule", "Support", "UnderuseRule", "UnsupportedSettingError", "WeightCosine", "build_method", "build_rule",
     "gradient_modulation_loss", "list_methods", "register_method",
 ]
 

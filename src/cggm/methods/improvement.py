@@ -143,7 +143,54 @@ class RobustRule(ImprovementRule):
         self.ema, self.history, self.steps = state.get("ema"), state.get("history"), int(state.get("steps", 0))
 
 
-RULES = {"paper": PaperRule, "robust": RobustRule}
+class UnderuseRule(ImprovementRule):
+    """Ours: steers by *under-use* instead of by the current rate of improvement.
+
+    The robust and paper rules give the larger B to whichever modality improves less *now*, so a
+    strong modality that has converged (improvement 0) gets the larger B and a weak one that is
+    still improving slowly is slowed (measured: README, "What the options do"). This rule looks at
+    each classifier's *level* instead: the modality whose features support a lower classifier
+    metric than the others' gets the larger share of B::
+
+        m_i = EMA_beta(eps_i)                         (bias-corrected, higher is better)
+        B_i = rho (M - 1) softmax_i(-(m_i - mean_k m_k) / T)
+
+    so ``sum_i B_i = rho (M - 1)`` (as Eq. 7) and ``0 < B_i < rho (M - 1)``; equal levels give the
+    uniform ``rho (M - 1) / M``; ``T`` (in the metric's units) sets how sharply a gap in level
+    moves B. Bounded and sync-free like the robust rule.
+    """
+
+    name = "underuse"
+    bounded = True
+
+    def __init__(self, rho: float, beta: float = 0.98, temperature: float = 0.05):
+        super().__init__(rho)
+        if not 0 <= beta < 1:
+            raise ValueError(f"beta must be in [0, 1), got {beta}.")
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}.")
+        self.beta, self.temperature = float(beta), float(temperature)
+        self.ema: Tensor | None = None
+        self.steps = 0
+
+    def propose(self, eps: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        eps = eps.detach().float()
+        ema = torch.zeros_like(eps) if self.ema is None else self.ema.to(eps.device)
+        steps = self.steps + 1
+        ema = self.beta * ema + (1 - self.beta) * eps
+        level = ema / (1 - self.beta ** steps)
+        m = eps.numel()
+        B = self.rho * (m - 1) * torch.softmax(-(level - level.mean()) / self.temperature, dim=0)
+        return B, {"ema": ema, "steps": steps}
+
+    def state_dict(self):
+        return {"ema": self.ema, "steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.ema, self.steps = state.get("ema"), int(state.get("steps", 0))
+
+
+RULES = {"paper": PaperRule, "robust": RobustRule, "underuse": UnderuseRule}
 
 
 def build_rule(name: str, rho: float, **kwargs: Any) -> ImprovementRule:
