@@ -59,8 +59,8 @@ def bench(arch: str, M: int, steps: int, warmup: int, batch: int, device, seq_le
     for name, make in VARIANTS.items():
         model = build_model(arch, shapes, task, **opts).to(device)
         model.load_state_dict(reference.state_dict())
-        method = make().bind(model, task)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        method = make().bind(model, task, optimizer=opt)
         runs[name] = (model, method, opt)
 
     def step(model, method, opt):

@@ -419,3 +419,25 @@ def test_gradient_accumulation_commits_once_per_optimizer_step():
 def test_unsupported_settings_stay_unsupported():
     with pytest.raises(UnsupportedSettingError):
         build_method("agm").bind(TwoModal(), Task("regression", 1), ["audio", "video"])
+
+
+# -- item 9: OGM-GE's noise does not depend on (or consume) the process's global RNG --------------
+def test_ogm_ge_noise_comes_from_its_own_generator():
+    d = load_dataset("synthetic", n_train=32, n_val=8, n_test=8)
+    inputs, masks, y = d.train.get_batch(torch.arange(16))
+
+    def noisy_grads(global_seed):
+        torch.manual_seed(0)
+        model = build_model("mlp", d.input_shapes, d.task, feature_dim=8, hidden=16, head_hidden=16)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        method = build_method("ogm_ge", seed=7).bind(model, d.task, d.modalities, optimizer=opt)
+        out = model(inputs, masks)
+        loss = method.loss(out, y, d.task.loss(out.prediction, y))
+        torch.manual_seed(global_seed)  # each rank's global stream may differ (dropout, data order)
+        state = torch.get_rng_state()
+        method.backward(loss)
+        assert torch.equal(torch.get_rng_state(), state)  # the global stream was not consumed
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(noisy_grads(1), noisy_grads(2)):
+        assert torch.equal(a, b)  # same noise whatever the global RNG: replicas stay identical
