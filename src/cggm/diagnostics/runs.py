@@ -27,19 +27,49 @@ PREFIXES = ("eps/", "B/", "cos/", "L_gm")
 
 
 # -- plots of saved runs ----------------------------------------------------------------------------
+def _train_dir_method(run_dir: Path) -> str:
+    """The method of a ``cggm train`` output dir, from its config.yaml ("run" if unknown)."""
+    import re
+
+    cfg = run_dir / "config.yaml"
+    if cfg.is_file():
+        match = re.search(r"^method:\s*\n\s+name:\s*['\"]?([\w.\-\[\]]+)", cfg.read_text(), flags=re.M)
+        if match:
+            return match.group(1)
+    return "run"
+
+
+def _metric_label(metric_keys) -> str:
+    """The auxiliary classifiers' metric (eps), told from a run's metric names."""
+    keys = " ".join(metric_keys)
+    if "dice" in keys:
+        return "mean Dice"
+    if "mae" in keys:
+        return "-MAE (or sign accuracy)"
+    return "accuracy" if "accuracy" in keys else "metric"
+
+
 def _load_run_records(run_dir: Path) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """``{group: {label: records}}``: one group for a train dir, one per dataset for a bench dir."""
-    groups: dict[str, dict[str, dict[str, list[float]]]] = {}
-    if (run_dir / "result.json").is_file():
-        res = json.loads((run_dir / "result.json").read_text())
-        groups[run_dir.name or "run"] = {"run": res.get("records", {})}
-    if (run_dir / "records.json").is_file():
-        groups.setdefault(run_dir.name or "run", {})["run"] = json.loads((run_dir / "records.json").read_text())
+    """``{group: {label: records}}``: one group for a train dir (labelled by its method), one per
+    dataset for a bench dir (labelled by method). ``group`` also maps ``"__metric__"`` to the
+    classifiers' metric name, where the run says."""
+    groups: dict[str, dict[str, Any]] = {}
+    name = run_dir.resolve().name or "run"
+    if (run_dir / "result.json").is_file() or (run_dir / "records.json").is_file():
+        method = _train_dir_method(run_dir)
+        if (run_dir / "result.json").is_file():
+            res = json.loads((run_dir / "result.json").read_text())
+            groups[name] = {method: res.get("records", {}), "__metric__": _metric_label(res.get("val", {}))}
+        if (run_dir / "records.json").is_file():
+            groups.setdefault(name, {})[method] = json.loads((run_dir / "records.json").read_text())
     rec_root = run_dir / "records" if (run_dir / "records").is_dir() else None
     if rec_root is not None:
         for ds in sorted(p for p in rec_root.iterdir() if p.is_dir()):
             for f in sorted(ds.glob("*.json")):
-                groups.setdefault(ds.name, {})[f.stem] = json.loads(f.read_text()).get("records", {})
+                run = json.loads(f.read_text())
+                groups.setdefault(ds.name, {})[f.stem] = run.get("records", {})
+                if run.get("history"):
+                    groups[ds.name]["__metric__"] = _metric_label(run["history"][0])
     return groups
 
 
@@ -57,12 +87,13 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, window: int
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     paths = []
     for group, runs in groups.items():
+        metric = runs.pop("__metric__", "metric")
         runs = {k: v for k, v in runs.items() if (methods is None or k in methods)
                 and any(key.startswith(p) for key in v for p in PREFIXES)}
         if not runs:
             continue
         paths.append(plot_records(runs, out_dir / f"records_{group}.png", prefixes=PREFIXES, window=window,
-                                  title=f"{group}: per-modality classifier metric, B, cos(g_F, g_i), L_gm"))
+                                  metric=metric, title=f"{group}: what each method measured and applied, per step"))
     if not paths:
         raise ValueError(f"No run in {run_dir} has records {list(PREFIXES)} (joint training records none; "
                          f"train with a CGGM method to get them).")
@@ -110,26 +141,44 @@ def run_sweep(imbalances: Sequence[float], methods: Sequence[str], seeds: Sequen
     return result
 
 
-def plot_sweep(result: dict[str, Any], path: str | Path) -> Path:
+def sweep_figure(result: dict[str, Any]):
+    """The matplotlib Figure of :func:`plot_sweep` (not saved)."""
     plt = _plt()
-    panels = [("weak_probe", "weak modality: encoder probe accuracy"),
-              ("weak_drop", "weak modality: accuracy lost without it"), ("accuracy", "fused test accuracy")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
-    xs = result["imbalances"]
-    for ax, (key, title) in zip(axes[0], panels):
-        for m in result["methods"]:
+    panels = [("weak_probe", "weak modality: how much its encoder learned",
+               "linear-probe test accuracy\nof the weak encoder's features"),
+              ("weak_drop", "weak modality: how much the model uses it",
+               "fused test accuracy lost when the weak\ninput is replaced by its training mean"),
+              ("accuracy", "fused model", "fused test accuracy")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
+    xs = np.asarray(result["imbalances"], dtype=float)
+    methods = list(result["methods"])
+    span = float(xs.max() - xs.min()) if len(xs) > 1 else 1.0
+    for ax, (key, title, ylabel) in zip(axes[0], panels):
+        for i, m in enumerate(methods):
             mean, std = [], []
-            for x in xs:
+            for x in result["imbalances"]:
                 v = [r[key] for r in result["rows"] if r["method"] == m and r["imbalance"] == x]
                 mean.append(float(np.mean(v)) if v else float("nan"))
                 std.append(float(np.std(v)) if v else float("nan"))
-            ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=m, linewidth=1.2)
-        ax.set_xlabel("imbalance (synthetic knob)")
+            dodge = (i - (len(methods) - 1) / 2) * 0.015 * span  # side by side, so error bars do not overlap
+            ax.errorbar(xs + dodge, mean, yerr=std, marker="o", capsize=3, label=m, linewidth=1.2)
+        ax.set_xlabel("imbalance knob of the synthetic data\n(0 = balanced; higher = strong modality faster)")
+        ax.set_ylabel(ylabel, fontsize=9)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"imbalance sweep ({len(result['seeds'])} seeds, {result['epochs']} epochs; mean ± std)")
-    return save_figure(fig, path)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(methods), 6),
+               fontsize=8, frameon=True)
+    seeds, epochs = len(result["seeds"]), result["epochs"]
+    fig.suptitle(f"imbalance sweep: mean \u00b1 std over {seeds} seed{'s' * (seeds != 1)}, {epochs} "
+                 f"epoch{'s' * (epochs != 1)} each\n(no smoothing; methods drawn side by side at each value)",
+                 fontsize=11)
+    return fig
+
+
+def plot_sweep(result: dict[str, Any], path: str | Path) -> Path:
+    """Write :func:`sweep_figure` to ``path``."""
+    return save_figure(sweep_figure(result), path)
 
 
 # -- diagnose a trained model -----------------------------------------------------------------------
