@@ -1,8 +1,9 @@
 """``cggm demo``: joint training vs CGGM on the built-in synthetic data.
 
 For each seed it trains the same model with: the weak modality alone (its encoder's reference
-probe), joint training, CGGM with the robust rule (the default) and CGGM with the paper's raw
-rule. It prints the fused test accuracy and a linear probe of the weak modality's encoder, and
+probe), joint training, CGGM with the robust rule (the default), CGGM with the paper's raw rule
+(without and with the official code's gradient clipping at 0.8) and CGGM with our under-use rule.
+It prints the fused test accuracy and a linear probe of the weak modality's encoder, and
 writes a PNG of each modality's auxiliary-classifier accuracy over training (joint and CGGM) and of
 CGGM's B (joint training applies none, so none is drawn for it).
 
@@ -32,7 +33,11 @@ DEMO_METHODS = {
     "joint": lambda weak: CGGM(magnitude=False, direction="off"),
     "cggm (robust rule)": lambda weak: build_method("cggm"),
     "cggm (paper rule)": lambda weak: build_method("cggm_paper"),
+    "cggm (paper rule, clip 0.8)": lambda weak: build_method("cggm_paper"),
+    "cggm (underuse rule)": lambda weak: build_method("cggm_underuse"),
 }
+# rows that differ in a training setting: the official code clips the global gradient norm at 0.8
+DEMO_TRAIN = {"cggm (paper rule, clip 0.8)": {"clip_grad_norm": 0.8}}
 
 
 def run_demo(output_dir: str | Path = "demo_output", seeds: int = 5, epochs: int = 20, log=print) -> dict:
@@ -49,7 +54,8 @@ def run_demo(output_dir: str | Path = "demo_output", seeds: int = 5, epochs: int
         for seed in range(seeds):
             seed_everything(seed)
             model = build_model("mlp", data.input_shapes, data.task)
-            config = TrainConfig(epochs=epochs, batch_size=64, lr=1e-3, seed=seed, progress=False)
+            config = TrainConfig(epochs=epochs, batch_size=64, lr=1e-3, seed=seed, progress=False,
+                                 **DEMO_TRAIN.get(label, {}))
             result = Trainer(model, make(weak), data, config).fit()
             probe = probe_encoders(model, data.train, data.test, data.task)
             r = rows.setdefault(label, {"test accuracy": [], f"probe {weak}": [], "seconds": []})
