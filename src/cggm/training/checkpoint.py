@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -20,18 +21,32 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed to
     disk, then renamed over the target. A crash while writing leaves the previous file intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except (OSError, RuntimeError) as err:  # a full disk: OSError(ENOSPC) or torch's RuntimeError
+        _remove(tmp)
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
+        why = "no space left on device" if full else text
+        kept = (f"the previous {path.name} is intact" if path.is_file() else f"there was no previous {path.name}")
+        raise CheckpointError(f"Could not write the checkpoint {path} ({why}); {kept}. "
+                              + ("Free some disk space, then rerun the same command to resume from it."
+                                 if full and path.is_file() else "")) from err
+    except BaseException:  # Ctrl-C while writing: the previous checkpoint stays as it was
+        _remove(tmp)
         raise
+
+
+def _remove(tmp: str | None) -> None:
+    if tmp is not None and os.path.exists(tmp):
+        os.unlink(tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, expect: dict[str, Any] | None = None) -> dict[str, Any]:
