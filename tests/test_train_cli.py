@@ -10,12 +10,83 @@ import errno
 import pytest
 
 from cggm import cli
+from cggm.config import ConfigError, check_config, load_config
+from cggm.training import TrainConfig, TrainConfigError, Trainer, load_checkpoint
 from cggm.training import checkpoint as checkpoint_module
-from cggm.training import load_checkpoint
 
 TINY = ["--preset", "synthetic", "--quiet", "--set", "dataset.options={dim: 8, n_train: 64, n_val: 16, n_test: 16}",
         "--set", "model.options={feature_dim: 8, hidden: 16, head_hidden: 16}",
         "--set", "train.epochs=1", "--set", "train.batch_size=16"]
+
+
+# -- 1. the whole configuration, checked first ------------------------------------------------------
+def test_every_config_problem_is_reported_at_once_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    bad = {"train.select_mode=up": "train.select_mode must be max, min or null, got 'up'",
+           "train.min_lr=-5": "train.min_lr must be >= 0, got -5",
+           "seed=abc": "seed must be an integer, got 'abc'",
+           "dataset.options.n_train=abc": "dataset.options.n_train must be an integer, got 'abc'",
+           "method.options.classifier_lr=-1": "method.options.classifier_lr: classifier_lr must be > 0, got -1",
+           "train.plateau_factor=2": "train.plateau_factor must be in (0, 1)",
+           "method.options.rho=.inf": "method.options.rho must be a finite number, got inf"}
+    argv = ["train", *TINY, *[a for item in bad for a in ("--set", item)], "--output", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert lines[0] == f"cggm train: error: {len(bad)} problems in the configuration:", err
+    assert len(lines) == 1 + len(bad) and "Traceback" not in err
+    for msg in bad.values():
+        assert sum(msg in line for line in lines[1:]) == 1, (msg, err)
+    assert not out.exists()
+
+
+def test_a_selection_metric_the_run_does_not_produce_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    def no_step(*args, **kwargs):
+        raise AssertionError("a training step ran before the configuration was refused")
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(Trainer, "_train_step", no_step)
+    assert cli.main(["train", *TINY, "--set", "train.select_metric=acuracy", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == ("cggm train: error: train.select_metric 'acuracy' is not a metric of this run; it has accuracy, "
+                   "clf/strong, clf/weak, f1_macro, f1_weighted, loss\n")
+    # the classifiers' metrics are CGGM's: joint training has none
+    argv = ["train", *TINY, "--method", "joint", "--set", "train.select_metric=clf/weak", "--output", str(out)]
+    assert cli.main(argv) == 2
+    assert "train.select_metric 'clf/weak' is not a metric of this run; it has accuracy, f1_macro" in \
+        capsys.readouterr().err
+    assert not out.exists()
+    monkeypatch.undo()
+    assert cli.main(["train", *TINY, "--set", "train.select_metric=clf/weak", "--output", str(out)]) == 0
+
+
+def test_a_directory_as_config_and_a_device_that_cannot_train_are_one_line_errors(tmp_path, capsys):
+    assert cli.main(["train", *TINY, "--config", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"cggm train: error: Config file {tmp_path} is a directory, not a YAML "
+                                       f"file.\n")
+    (tmp_path / "config.yaml").write_text("train: {epochs: 1}\n")
+    assert cli.main(["train", *TINY, "--config", str(tmp_path)]) == 2
+    assert f"(did you mean {tmp_path / 'config.yaml'}?)" in capsys.readouterr().err
+    assert cli.main(["train", *TINY, "--device", "meta"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("cggm train: error: --device 'meta' cannot train a model (meta tensors hold no values); cggm "
+                   "trains on cpu, cuda, mps or xpu.\n")
+
+
+def test_the_schema_checks_options_against_the_loader_signature():
+    cfg = load_config(preset="synthetic", overrides=["dataset.options.imbalance=2e0"])  # YAML reads 2e0 as text
+    assert cfg["dataset"]["options"]["imbalance"] == 2.0
+    bad = load_config(preset="synthetic") | {"dataset": {"name": "synthetic", "options": {"dim": 1.5, "bogus": 1}}}
+    assert check_config(bad) == [
+        "dataset.options.dim must be an integer, got 1.5",
+        "dataset.options.bogus: not an option of synthetic (options: dim, imbalance, n_test, n_train, n_val, "
+        "num_classes, num_modalities, seed, signal, strong_corruption)"]
+    with pytest.raises(ConfigError, match=r"dataset.options.path: required by dataset 'mosi' \(give it with "):
+        load_config(overrides=["dataset.name=mosi"])
+    # the library's TrainConfig reports every problem too
+    with pytest.raises(TrainConfigError) as err:
+        TrainConfig(lr=-1, momentum=1.5, scheduler="cosine", epochs="x")
+    assert [name for name, _ in err.value.problems] == ["epochs", "lr", "momentum"]
 
 
 @pytest.mark.parametrize("error", [

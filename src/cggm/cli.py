@@ -43,9 +43,19 @@ def _device(arg: str | None) -> str:
             device = torch.device(arg)
         except RuntimeError as err:
             raise ValueError(f"--device {arg!r} is not a torch device (e.g. cpu, cuda, cuda:1): {err}") from err
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {arg!r} asks for CUDA, which this torch build or machine does not have; "
-                             f"use --device cpu.")
+        available = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+                     "mps": lambda: torch.backends.mps.is_available(),
+                     "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}
+        if device.type not in available:
+            why = " (meta tensors hold no values)" if device.type == "meta" else ""
+            raise ValueError(f"--device {arg!r} cannot train a model{why}; cggm trains on cpu, cuda, mps or xpu.")
+        if not available[device.type]():
+            raise ValueError(f"--device {arg!r} asks for {device.type.upper()}, which this torch build or machine "
+                             f"does not have; use --device cpu.")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise ValueError(f"--device {arg!r}: this machine has {n} CUDA device{'s' if n != 1 else ''} "
+                             f"(cuda:0 to cuda:{n - 1}).")
         return arg
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"

@@ -16,7 +16,7 @@ from .config import ConfigError, carry_method_options, same_method, train_config
 from .data.registry import load_dataset
 from .methods.registry import build_method, list_methods
 from .models.factory import build_model
-from .training.trainer import RunResult, Trainer, seed_everything
+from .training.trainer import RunResult, TrainConfigError, Trainer, seed_everything
 
 
 def load_data(cfg: dict[str, Any]):
@@ -41,8 +41,11 @@ def build_trainer(cfg: dict[str, Any], data=None, output_dir: str | Path | None 
     if device is not None:
         model = model.to(device)
     method = build_method(cfg["method"]["name"], **cfg["method"].get("options", {}))
-    return Trainer(model, method, data, tc, output_dir=output_dir, resume=resume,
-                   fingerprint={"arch": cfg["model"]["arch"]})
+    try:
+        return Trainer(model, method, data, tc, output_dir=output_dir, resume=resume,
+                       fingerprint={"arch": cfg["model"]["arch"]})
+    except TrainConfigError as err:  # the settings that need the data, the model and the method (select_metric)
+        raise ConfigError([f"train.{msg}" for _, msg in err.problems]) from err
 
 
 def expand_methods(spec: str | Sequence[str]) -> list[str]:

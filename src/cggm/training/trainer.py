@@ -19,13 +19,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import random
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,9 +48,24 @@ class NonFiniteError(RuntimeError):
     """Training produced a NaN or inf loss or gradient."""
 
 
+class TrainConfigError(ValueError):
+    """Invalid training settings. ``problems`` lists ``(field, message)``, one per problem, each
+    message naming its field (e.g. ``("lr", "lr must be > 0, got -1")``)."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = list(problems)
+        lines = [msg for _, msg in self.problems]
+        text = (f"Invalid training config: {lines[0]}." if len(lines) == 1 else
+                f"Invalid training config ({len(lines)} problems):\n" + "\n".join(f"  {m}." for m in lines))
+        super().__init__(text)
+
+
 @dataclass
 class TrainConfig:
-    """Everything the engine needs besides the model, the method and the data."""
+    """Everything the engine needs besides the model, the method and the data.
+
+    Every field is checked when the config is made; all problems are reported together
+    (:class:`TrainConfigError`, a ``ValueError``)."""
 
     epochs: int = 10
     batch_size: int = 64  # per process: under DDP the global batch is batch_size x world size
@@ -72,51 +90,82 @@ class TrainConfig:
     deterministic: bool = False
     step_delay: float = 0.0  # seconds slept after each step (to test fault tolerance; 0 = off)
 
-    def __post_init__(self) -> None:
-        self._coerce_types()
-        checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.optimizer in ("adam", "adamw", "sgd"), f"optimizer must be adam, adamw or sgd, got {self.optimizer!r}"),
-            (self.scheduler in ("none", "plateau", "cosine"),
-             f"scheduler must be none, plateau or cosine, got {self.scheduler!r}"),
-            (self.on_nonfinite in ("stop", "skip"), f"on_nonfinite must be stop or skip, got {self.on_nonfinite!r}"),
-            (self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm must be > 0 or None"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
-            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
-            (self.step_delay >= 0, f"step_delay must be >= 0, got {self.step_delay}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"Invalid training config: {msg}.")
-
     _INTS = ("epochs", "batch_size", "eval_batch_size", "plateau_patience", "warmup_epochs", "seed", "checkpoint_every")
     _FLOATS = ("lr", "weight_decay", "momentum", "plateau_factor", "min_lr", "step_delay", "warmup_start_lr",
                "clip_grad_norm")
     _BOOLS = ("progress", "deterministic")
+    _CHOICES = {"optimizer": ("adam", "adamw", "sgd"), "scheduler": ("none", "plateau", "cosine"),
+                "on_nonfinite": ("stop", "skip"), "select_mode": ("max", "min")}
+    _OPTIONAL = ("warmup_start_lr", "clip_grad_norm", "select_mode", "select_metric")
+    _RANGES = {  # field: (test of a value of the right type, what the value must be)
+        "epochs": (lambda v: v >= 1, ">= 1"),
+        "batch_size": (lambda v: v >= 1, ">= 1"),
+        "eval_batch_size": (lambda v: v >= 1, ">= 1"),
+        "lr": (lambda v: v > 0, "> 0"),
+        "weight_decay": (lambda v: v >= 0, ">= 0"),
+        "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "plateau_patience": (lambda v: v >= 0, ">= 0"),
+        "plateau_factor": (lambda v: 0 < v < 1, "in (0, 1) (the learning rate is multiplied by it)"),
+        "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+        "warmup_start_lr": (lambda v: v >= 0, ">= 0"),
+        "min_lr": (lambda v: v >= 0, ">= 0"),
+        "clip_grad_norm": (lambda v: v > 0, "> 0 or null"),
+        "checkpoint_every": (lambda v: v >= 0, ">= 0 (steps; 0: at epoch ends only)"),
+        "step_delay": (lambda v: v >= 0, ">= 0"),
+        "select_metric": (lambda v: isinstance(v, str) and v != "",
+                          "a metric name (e.g. accuracy, mae, loss) or null (the task's default)"),
+    }
 
-    def _coerce_types(self) -> None:
-        """Numbers given as strings (YAML reads ``1e-3`` as a string) become numbers; anything else
-        of the wrong type is refused with the field's name."""
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise TrainConfigError(problems)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """``(field, message)`` for every invalid field (numbers given as strings are converted first)."""
+        bad = self._coerce_types()
+        out = []
+        for f in fields(self):
+            name, value = f.name, getattr(self, f.name)
+            if name in bad:
+                out.append((name, bad[name]))
+            elif value is None and name in self._OPTIONAL:
+                continue
+            elif name in self._CHOICES and value not in self._CHOICES[name]:
+                choices = list(self._CHOICES[name]) + (["null"] if name in self._OPTIONAL else [])
+                out.append((name, f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}"))
+            elif name in self._RANGES and not self._RANGES[name][0](value):
+                out.append((name, f"{name} must be {self._RANGES[name][1]}, got {value!r}"))
+        if self.scheduler == "cosine" and not {"lr", "min_lr"} & {n for n, _ in out} and self.min_lr > self.lr:
+            out.append(("min_lr", f"min_lr must be <= lr with the cosine scheduler, got {self.min_lr} > lr {self.lr}"))
+        return out
+
+    def _coerce_types(self) -> dict[str, str]:
+        """Numbers given as strings (YAML reads ``1e-3`` as a string) become numbers. Returns
+        ``{field: message}`` for the fields of the wrong type (or a non-finite number)."""
+        bad = {}
         for name in self._INTS + self._FLOATS + self._BOOLS:
             value = getattr(self, name)
-            if value is None and name in ("warmup_start_lr", "clip_grad_norm"):
+            if value is None and name in self._OPTIONAL:
                 continue
-            kind = "an integer" if name in self._INTS else "a number" if name in self._FLOATS else "true or false"
-            ok = isinstance(value, bool) if name in self._BOOLS else not isinstance(value, bool)
+            kind = ("an integer" if name in self._INTS else "a finite number" if name in self._FLOATS
+                    else "true or false")
+            good = isinstance(value, bool) if name in self._BOOLS else not isinstance(value, bool)
             try:
-                if ok and name in self._INTS:
-                    ok = float(value) == int(float(value))
+                if good and name in self._INTS:
+                    good = float(value) == int(float(value))
                     value = int(float(value))
-                elif ok and name in self._FLOATS:
+                elif good and name in self._FLOATS:
                     value = float(value)
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise ValueError(f"Invalid training config: {name} must be {kind}, got {getattr(self, name)!r}.")
+                    good = math.isfinite(value)
+            except (TypeError, ValueError, OverflowError):
+                good = False
+            if not good:
+                bad[name] = f"{name} must be {kind}" + (" or null" if name in self._OPTIONAL else "") + \
+                    f", got {getattr(self, name)!r}"
+                continue
             setattr(self, name, value)
+        return bad
 
 
 @dataclass
@@ -188,6 +237,10 @@ class Trainer:
             self.select_name = self.config.select_metric
             lower_is_better = self.select_name in ("loss", "mae") or self.select_name.endswith("loss")
             self.select_mode = self.config.select_mode or ("min" if lower_is_better else "max")
+            names = self.metric_names()
+            if names is not None and self.select_name not in names:
+                raise TrainConfigError([("select_metric", f"select_metric {self.select_name!r} is not a metric of "
+                                                          f"this run; it has {', '.join(sorted(names))}")])
         self.skipped_steps = 0
 
     # -- construction ---------------------------------------------------------------------------
@@ -250,6 +303,72 @@ class Trainer:
 
             return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         return None
+
+    def metric_names(self) -> set[str] | None:
+        """The names :meth:`evaluate` will return in this run, known before training (to check
+        ``select_metric``); ``None`` when they cannot be told.
+
+        The task's metrics come from the metric tracker on one training batch (or from a split that
+        evaluates itself, e.g. BraTS, its ``metric_names``). A method that reports its own metrics
+        (CGGM: ``clf/<modality>``) is asked on a throw-away copy, after one loss on that batch so that
+        modules it builds on the first batch exist; the model, the method and the random streams are
+        left as they were."""
+        evaluates_itself = hasattr(self.data.val, "evaluate")
+        own = type(self.method).eval_end is not Method.eval_end
+        if evaluates_itself and getattr(self.data.val, "metric_names", None) is None:
+            return None
+        try:
+            batch = next(iter(self._batches("train")), None)
+        except Exception:
+            return None
+        if batch is None:
+            return None
+        names: set[str] = set(getattr(self.data.val, "metric_names", ()) or ())
+        try:
+            with self._side_effect_free():
+                inputs, masks, target = batch
+                probe = self._method_copy() if own else self.method
+                if own:
+                    out = self.model(*probe.prepare(inputs, masks))
+                    probe.loss(out, target, self.task.loss(out.prediction, target))
+                    probe.skip()
+                with torch.no_grad():
+                    probe.eval_begin()
+                    inputs, masks = probe.prepare_eval(inputs, masks)
+                    out = self.model(inputs, masks)
+                    pred = probe.eval_prediction(out)
+                    probe.eval_step(out, target)
+                    if not evaluates_itself:
+                        tracker = MetricTracker(self.task)
+                        tracker.update(pred, target, self.task.loss(pred, target))
+                        names |= set(tracker.compute())
+                    names |= set(probe.eval_end())
+        except Exception:  # a method that cannot be probed: the selection metric is checked after epoch 1
+            return None
+        return names
+
+    def _method_copy(self) -> Method:
+        """A deep copy of the method that shares the model (its modules, parameters and buffers)
+        and the optimizer, so that nothing done to the copy touches them."""
+        memo: dict[int, Any] = {id(self.model): self.model, id(self.optimizer): self.optimizer}
+        for obj in chain(self.model.modules(), self.model.parameters(), self.model.buffers()):
+            memo[id(obj)] = obj
+        return copy.deepcopy(self.method, memo)
+
+    @contextlib.contextmanager
+    def _side_effect_free(self):
+        """A context for a forward pass that must change nothing: evaluation mode (no batch-norm
+        statistics move, no dropout), the random streams forked, the method's records kept."""
+        training, records = self.model.training, self.method.records()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            self.model.eval()
+            try:
+                yield
+            finally:
+                self.model.train(training)
+                self.method.reset_records()
+                for k, v in records.items():
+                    self.method.record(k, v)
 
     # -- data -----------------------------------------------------------------------------------
     def _batches(self, split: str, epoch: int = 0, skip: int = 0, shard: bool = False) -> Iterator:
