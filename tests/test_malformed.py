@@ -78,8 +78,8 @@ def _cases(files: Path):
         "corrupt pickle": (["--quiet", "--dataset", "mosi", "--data-path", str(files / "corrupt.pkl")],
                            "corrupt.pkl: cannot read the pickle"),
         "checkpoint of another method": ([*base, "--method", "joint", "--set", "method.options={}"],
-                                         "method is 'cggm' there and 'joint' here"),
-        "checkpoint of another model": ([*base, "--set", "model.options.feature_dim=6"], "the model differs"),
+                                         "its settings differ (method.name: 'cggm' -> 'joint'"),
+        "checkpoint of another model": ([*base, "--set", "model.options.feature_dim=6"], "its settings differ (model.options.feature_dim: 4 -> 6)"),
     }
 
 

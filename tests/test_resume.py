@@ -3,6 +3,7 @@ and non-finite steps (stop with the last good checkpoint kept, or skip and count
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -229,27 +230,49 @@ def test_a_corrupt_checkpoint_is_refused(finished_run, damage):
     assert str(last) in str(err.value)
 
 
-@pytest.mark.parametrize("change", ["method", "modalities", "arch", "model-size"])
+@pytest.mark.parametrize("change", ["method", "modalities", "arch", "model-size", "lr", "epochs"])
 def test_an_incompatible_checkpoint_is_refused(finished_run, change):
     data, method, fingerprint = _data(), build_method("joint"), {"arch": "mlp"}
     shape = dict(feature_dim=8, hidden=16, head_hidden=16)
+    settings = dict(epochs=1, batch_size=16, checkpoint_every=7, progress=False, scheduler="cosine", seed=0)
     if change == "method":
         method = build_method("cggm")
     elif change == "modalities":
         data = load_dataset("synthetic", num_modalities=3, dim=8, n_train=160, n_val=32, n_test=32)
     elif change == "arch":
         fingerprint = {"arch": "other"}
-    else:
+    elif change == "model-size":
         shape["feature_dim"] = 12
+    elif change == "lr":
+        settings["lr"] = 0.01
+    else:  # fewer epochs than the checkpoint has trained
+        settings["epochs"], settings["scheduler"] = 1, "none"
+        _trainer(finished_run, build_method("joint"), epochs=2).fit()
+        settings["scheduler"] = "cosine"
     model = build_model("mlp", data.input_shapes, data.task, **shape)
     with pytest.raises(CheckpointError, match="incompatible with this run") as err:
-        Trainer(model, method, data, TrainConfig(progress=False), output_dir=finished_run, fingerprint=fingerprint)
-    want = {"method": "method is 'joint' there and 'cggm' here", "modalities": "modalities is",
-            "arch": "arch is 'mlp' there and 'other' here", "model-size": "the model differs"}[change]
+        Trainer(model, method, data, TrainConfig(**settings), output_dir=finished_run, fingerprint=fingerprint)
+    want = {"method": "method.name: 'joint' -> 'cggm'", "modalities": "modalities: ['strong', 'weak'] -> ['strong',",
+            "arch": "model.arch: 'mlp' -> 'other'", "model-size": "the model differs",
+            "lr": "its settings differ (train.lr: 0.001 -> 0.01)",
+            "epochs": "train.epochs: 2 -> 1, but 2 epochs are already trained"}[change]
     assert want in str(err.value)
+    assert "--no-resume" in str(err.value) and "new --output" in str(err.value)
     # resume=False starts over instead
-    Trainer(model, method, data, TrainConfig(progress=False), output_dir=finished_run, fingerprint=fingerprint,
+    Trainer(model, method, data, TrainConfig(**settings), output_dir=finished_run, fingerprint=fingerprint,
             resume=False)
+
+
+def test_a_resume_may_extend_epochs_and_change_how_it_reports(finished_run):
+    """Only the settings that do not change what is computed may differ on a resume."""
+    data = _data()
+    seed_everything(0)
+    model = build_model("mlp", data.input_shapes, data.task, feature_dim=8, hidden=16, head_hidden=16, dropout=0.1)
+    config = TrainConfig(epochs=2, batch_size=16, checkpoint_every=5, progress=True, scheduler="cosine", seed=0,
+                         eval_batch_size=8, on_nonfinite="skip")
+    result = Trainer(model, build_method("joint"), data, config, output_dir=finished_run,
+                     fingerprint={"arch": "mlp"}).fit()
+    assert [h["epoch"] for h in result.history] == [0, 1]
 
 
 def test_the_cli_refuses_a_corrupt_checkpoint_with_exit_code_2(tmp_path, capsys):
@@ -343,3 +366,21 @@ def test_every_method_resumes_exactly(tmp_path, name):
     torch.manual_seed(1234)  # the resumed run must not depend on the process's RNG state
     resumed = build_method(name)
     _assert_same(_final(_trainer(tmp_path / "run", resumed).fit(), resumed), ref)
+
+
+# -- a finished run, run again -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list_methods())
+def test_rerunning_a_finished_run_gives_the_same_result(tmp_path, name):
+    """Nothing is left to train, so the method builds nothing on a first batch (CGGM's classifiers):
+    the evaluation of the rerun must still have the method's own metrics, and the same values."""
+    out = tmp_path / "run"
+    first = _trainer(out, build_method(name), epochs=1, checkpoint_every=0).fit()
+    before = (out / "result.json").read_text()
+    torch.manual_seed(1234)
+    again = _trainer(out, build_method(name), epochs=1, checkpoint_every=0).fit()
+    assert again.test == first.test and again.val == first.val and again.history == first.history
+    assert again.records == first.records
+    if name.startswith("cggm"):
+        assert {"clf/strong", "clf/weak"} <= set(again.test)
+    strip = lambda text: {k: v for k, v in json.loads(text).items() if k != "seconds"}  # noqa: E731
+    assert strip((out / "result.json").read_text()) == strip(before)

@@ -6,6 +6,9 @@ progress lines when stderr is not a terminal, TensorBoard behind its extra)."""
 from __future__ import annotations
 
 import errno
+import json
+import shlex
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +20,10 @@ from cggm.training import checkpoint as checkpoint_module
 TINY = ["--preset", "synthetic", "--quiet", "--set", "dataset.options={dim: 8, n_train: 64, n_val: 16, n_test: 16}",
         "--set", "model.options={feature_dim: 8, hidden: 16, head_hidden: 16}",
         "--set", "train.epochs=1", "--set", "train.batch_size=16"]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 # -- 1. the whole configuration, checked first ------------------------------------------------------
@@ -89,6 +96,39 @@ def test_the_schema_checks_options_against_the_loader_signature():
     assert [name for name, _ in err.value.problems] == ["epochs", "lr", "momentum"]
 
 
+# -- 2. a resume with other settings is refused ------------------------------------------------------
+def test_resume_refuses_changed_settings_and_allows_more_epochs(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", *TINY, "--output", str(out)]) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    argv = ["train", *TINY, "--set", "train.lr=0.01", "--set", "dataset.options.n_train=32", "--output", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.lr: 0.001 -> 0.01" in err and "dataset.options.n_train: 64 -> 32" in err
+    assert "--no-resume" in err and "new --output" in err
+    assert _snapshot(out) == before  # config.yaml still says what the checkpoint was trained with
+    # more epochs and other progress settings continue the run
+    assert cli.main(["train", *TINY, "--set", "train.epochs=2", "--set", "train.checkpoint_every=2",
+                     "--output", str(out)]) == 0
+    assert [row["epoch"] for row in json.loads((out / "result.json").read_text())["history"]] == [0, 1]
+    assert load_config(out / "config.yaml")["train"]["epochs"] == 2
+    # and --no-resume starts over with the new settings
+    assert cli.main([*argv, "--no-resume"]) == 0
+    assert load_config(out / "config.yaml")["train"]["lr"] == 0.01
+
+
+# -- 3. rerun, full disk, Ctrl-C ------------------------------------------------------------------------
+def test_rerunning_a_finished_run_keeps_the_classifier_metrics_in_result_json(tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["train", *TINY, "--output", str(out)]) == 0
+    first = json.loads((out / "result.json").read_text())
+    assert cli.main(["train", *TINY, "--output", str(out)]) == 0
+    again = json.loads((out / "result.json").read_text())
+    assert {"clf/strong", "clf/weak"} <= set(first["test"])
+    assert again["test"] == first["test"] and again["val"] == first["val"]
+
+
 @pytest.mark.parametrize("error", [
     RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 1536 vs 1462\n"
                  "PytorchStreamWriter failed writing file data/4: file write failed (No space left on device)"),
@@ -116,3 +156,26 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_last_checkpoint_sta
     monkeypatch.undo()
     assert cli.main(argv) == 0
     assert load_checkpoint(out / "last.pt")["epoch"] == 2
+
+
+def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run dir"  # a path that needs quoting in the printed command
+    argv = ["train", *TINY, "--set", "train.epochs=2", "--output", str(out), "--no-resume"]
+    real_step = Trainer._train_step
+
+    def step(self, *args, epoch, batch_index, **kwargs):
+        if epoch == 1 and batch_index == 2:
+            raise KeyboardInterrupt
+        return real_step(self, *args, epoch=epoch, batch_index=batch_index, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[0] == (f"cggm train: interrupted. The last checkpoint, {out / 'last.pt'}, is kept; "
+                                   f"the same command resumes from it:")
+    command = err.splitlines()[1].strip()
+    assert command == shlex.join(["cggm", *argv[:-1]])  # without --no-resume, which would start over
+    monkeypatch.undo()
+    assert cli.main(shlex.split(command)[1:]) == 0
+    assert [row["epoch"] for row in json.loads((out / "result.json").read_text())["history"]] == [0, 1]

@@ -78,8 +78,15 @@ def cmd_train(args) -> int:
             out.mkdir(parents=True, exist_ok=True)
             from ._optional import require
 
+            # the settings of the run in OUT (a resume was refused above if they changed any but
+            # the resumable ones: train.epochs, progress and logging)
             (out / "config.yaml").write_text(require("yaml", "cli").safe_dump(cfg, sort_keys=False))
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except KeyboardInterrupt:
+            if distributed.is_main_process():
+                print(_interrupted(args, out), file=sys.stderr, flush=True)
+            return 130
         if distributed.is_main_process():
             print(f"best epoch (validation): {result.best_epoch + 1}")
             print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.val.items()))
@@ -96,6 +103,21 @@ def cmd_train(args) -> int:
 
             dist.destroy_process_group()
     return 0
+
+
+def _interrupted(args, out: Path | None) -> str:
+    """What to say on Ctrl-C: where the run stands and the exact command that resumes it."""
+    import shlex
+
+    argv = [a for a in getattr(args, "argv", None) or sys.argv[1:] if a != "--no-resume"]
+    command = shlex.join(["cggm", *argv])
+    if out is None:
+        return ("cggm train: interrupted. Nothing was saved (no --output); to make a run resumable, "
+                "give it an output directory: " + shlex.join(["cggm", *argv, "--output", "DIR"]))
+    if not (out / "last.pt").is_file():
+        return f"cggm train: interrupted before the first checkpoint; this command starts the run again:\n  {command}"
+    return (f"cggm train: interrupted. The last checkpoint, {out / 'last.pt'}, is kept; the same command resumes "
+            f"from it:\n  {command}")
 
 
 def _maybe_init_distributed() -> bool:
@@ -291,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     from .training.trainer import NonFiniteError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as typed (cggm train says how to resume)
     try:
         return int(args.fn(args) or 0)
     except (ConfigError, DataError, UnsupportedSettingError, CheckpointError, NonFiniteError,

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, carry_method_options, same_method, train_config
+from .config import ConfigError, carry_method_options, resolved_options, same_method, train_config
 from .data.registry import load_dataset
 from .methods.registry import build_method, list_methods
 from .models.factory import build_model
@@ -33,7 +33,11 @@ def run_config(cfg: dict[str, Any], data=None, output_dir: str | Path | None = N
 def build_trainer(cfg: dict[str, Any], data=None, output_dir: str | Path | None = None, device: str | None = None,
                   resume: bool = True, progress: bool = True) -> Trainer:
     """Data, model, method and engine of one configured run, every input checked (and a checkpoint
-    to resume read and checked) before anything is trained or written; ``.fit()`` runs it."""
+    to resume read and checked) before anything is trained or written; ``.fit()`` runs it.
+
+    A checkpoint is resumed only if it was written with the same data (dataset name and options),
+    model (architecture and options), method (name and options) and training settings (see
+    :class:`~cggm.training.Trainer`); options are compared with their defaults filled in."""
     tc = replace(train_config(cfg), progress=progress and train_config(cfg).progress)
     data = data if data is not None else load_data(cfg)
     seed_everything(tc.seed)  # the model's initial weights depend on the seed
@@ -41,11 +45,27 @@ def build_trainer(cfg: dict[str, Any], data=None, output_dir: str | Path | None 
     if device is not None:
         model = model.to(device)
     method = build_method(cfg["method"]["name"], **cfg["method"].get("options", {}))
+    fingerprint = {"arch": cfg["model"]["arch"], **settings_fingerprint(cfg)}
     try:
-        return Trainer(model, method, data, tc, output_dir=output_dir, resume=resume,
-                       fingerprint={"arch": cfg["model"]["arch"]})
+        return Trainer(model, method, data, tc, output_dir=output_dir, resume=resume, fingerprint=fingerprint)
     except TrainConfigError as err:  # the settings that need the data, the model and the method (select_metric)
         raise ConfigError([f"train.{msg}" for _, msg in err.problems]) from err
+
+
+def settings_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The options of the data, model and method of ``cfg``, defaults filled in, as a run's
+    checkpoint records them (the engine adds the method's name, the dataset's name and the
+    training settings)."""
+    from .data.registry import DATASETS
+    from .methods import METHODS
+    from .models.factory import MODEL_BUILDERS
+
+    out = {}
+    for section, key, registry in (("dataset", "name", DATASETS), ("model", "arch", MODEL_BUILDERS),
+                                   ("method", "name", METHODS)):
+        name, options = cfg[section][key], cfg[section].get("options") or {}
+        out[f"{section}.options"] = resolved_options(registry[name], options) if name in registry else dict(options)
+    return out
 
 
 def expand_methods(spec: str | Sequence[str]) -> list[str]:

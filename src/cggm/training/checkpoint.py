@@ -67,12 +67,56 @@ def load_checkpoint(path: str | os.PathLike, expect: dict[str, Any] | None = Non
         ) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file (format={getattr(state, 'get', lambda k: None)('format')!r}).")
-    fingerprint = state.get("fingerprint", {})
-    for key, want in (expect or {}).items():
-        have = fingerprint.get(key)
-        if have != want:
-            raise CheckpointError(
-                f"Checkpoint {path} is incompatible with this run: {key} is {have!r} there and {want!r} here. "
-                f"Use a new output directory, or the same settings as the checkpointed run."
-            )
+    changes = settings_changes(state.get("fingerprint", {}), expect or {})
+    if changes:
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+        raise CheckpointError(
+            f"Checkpoint {path} is incompatible with this run: its settings differ ({shown}). "
+            f"A run resumes only with the settings it started with (train.epochs may grow; progress and "
+            f"logging settings may change). To start fresh, use --no-resume (replaces that run) or a new --output."
+        )
     return state
+
+
+# names of fingerprint keys as a config names them
+_LABELS = {"method": "method.name", "dataset": "dataset.name", "arch": "model.arch"}
+
+
+def settings_changes(have: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    """``"name: old -> new"`` for each setting of ``want`` that differs from the checkpoint's
+    fingerprint ``have``; a mapping is compared key by key (``train.lr: 0.001 -> 0.01``)."""
+    out = []
+    for key, new in want.items():
+        old = have.get(key, _ABSENT)
+        label = _LABELS.get(key, key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            for sub in sorted(set(old) | set(new), key=str):
+                a, b = old.get(sub, _ABSENT), new.get(sub, _ABSENT)
+                if not _same(a, b):
+                    out.append(f"{label}.{sub}: {_show(a)} -> {_show(b)}")
+        elif old is _ABSENT:  # written before this setting was recorded
+            out.append(f"{label}: (not recorded in the checkpoint) -> {_show(new)}")
+        elif not _same(old, new):
+            out.append(f"{label}: {_show(old)} -> {_show(new)}")
+    return out
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+_ABSENT = _Absent()
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):  # a YAML list is a tuple default
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)

@@ -8,7 +8,7 @@
   per-epoch validation metrics, including each method's own (e.g. the auxiliary classifiers').
 * checkpoints every ``checkpoint_every`` steps and at each epoch end, written atomically, with
   everything needed for an exact resume (model, optimizer, scheduler, method state, RNG, data
-  position).
+  position); a resume with other settings than the checkpoint's is refused, naming each change.
 * a non-finite loss or gradient stops the run with a message naming the step (or, with
   ``on_nonfinite="skip"``, skips and counts the step).
 * DDP: if ``torch.distributed`` is initialised, the model is wrapped in DistributedDataParallel,
@@ -58,6 +58,12 @@ class TrainConfigError(ValueError):
         text = (f"Invalid training config: {lines[0]}." if len(lines) == 1 else
                 f"Invalid training config ({len(lines)} problems):\n" + "\n".join(f"  {m}." for m in lines))
         super().__init__(text)
+
+
+# settings a resumed run may change: how it reports and paces itself, not what it computes
+# (``epochs`` may grow: see Trainer._load_resume_state)
+RESUMABLE_CHANGES = ("epochs", "progress", "checkpoint_every", "step_delay", "eval_batch_size", "deterministic",
+                     "on_nonfinite")
 
 
 @dataclass
@@ -167,6 +173,10 @@ class TrainConfig:
             setattr(self, name, value)
         return bad
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a resumed run must share with its checkpoint (all but RESUMABLE_CHANGES)."""
+        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+
 
 @dataclass
 class RunResult:
@@ -207,7 +217,9 @@ class Trainer:
 
     The model stays on the device it is on (move it before); batches follow it.
     ``output_dir`` receives ``last.pt``, ``best.pt``, ``history.json`` and ``records.json``
-    (rank 0 only); with ``resume=True`` an existing ``last.pt`` there is resumed.
+    (rank 0 only); with ``resume=True`` an existing ``last.pt`` there is resumed, if it was written
+    with the same settings (``fingerprint``: method, modalities, dataset, the training settings but
+    those in ``RESUMABLE_CHANGES``, and what the caller adds), else refused naming each difference.
     """
 
     def __init__(self, model: nn.Module, method: Method, data: DataSplits, config: TrainConfig | None = None,
@@ -219,8 +231,11 @@ class Trainer:
         self.method = method.bind(model, data.task, data.modalities)
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.resume = resume
+        # what a resumed run must share with its checkpoint (load_checkpoint names each difference);
+        # the caller adds what the engine cannot see (cggm.runner: the model's and the options of the
+        # data, model and method, as configured)
         self.fingerprint = {"method": method.name, "modalities": list(data.modalities), "dataset": data.name,
-                            **(fingerprint or {})}
+                            "train": self.config.fingerprint(), **(fingerprint or {})}
         self.rank, self.world = distributed.rank(), distributed.world_size()
         # read and check a checkpoint to resume now, before anything is written or trained
         self._resume_state = self._load_resume_state() if resume else None
@@ -256,14 +271,22 @@ class Trainer:
         missing = [k for k in ("model", "optimizer", "method", "rng", "epoch", "batch") if k not in state]
         if missing:
             raise CheckpointError(f"Checkpoint {last} lacks {missing}; it is not a resumable last.pt.")
+        done = state["epoch"] + (1 if state["batch"] else 0)  # epochs trained, or started
+        if self.config.epochs < done:
+            old = state.get("config", {}).get("epochs", "?")
+            raise CheckpointError(
+                f"Checkpoint {last} is incompatible with this run: its settings differ: train.epochs: {old} -> "
+                f"{self.config.epochs}, but {done} epochs are already trained (epochs may only grow on a resume). "
+                f"To start fresh, use --no-resume (replaces that run) or a new --output.")
         want = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         have = {k: tuple(getattr(v, "shape", ())) for k, v in state["model"].items()}
         if want != have:
             diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
             detail = ", ".join(f"{k}: {have.get(k, 'absent')} there, {want.get(k, 'absent')} here" for k in diff[:3])
             raise CheckpointError(
-                f"Checkpoint {last} is incompatible with this run: the model differs ({detail}). Use a new "
-                f"output directory, --no-resume, or the same model settings as the checkpointed run.")
+                f"Checkpoint {last} is incompatible with this run: the model differs ({detail}). Use the same model "
+                f"settings as the checkpointed run; to start fresh, use --no-resume (replaces that run) or a new "
+                f"--output.")
         global_batch = self.config.batch_size * self.world
         saved = state.get("global_batch", global_batch)
         if state["batch"] and saved != global_batch:
@@ -370,6 +393,21 @@ class Trainer:
                 for k, v in records.items():
                     self.method.record(k, v)
 
+    def _materialise_method(self) -> None:
+        """Build what the method builds on its first training batch (CGGM's classifiers), loading
+        the state restored for it, without training: one loss on a training batch, then skip
+        (which, by the method protocol, changes no state). A resumed run that has no step left to
+        train needs it, or its evaluation would lack the method's own metrics (and the rerun of a
+        finished run would rewrite result.json without them)."""
+        batch = next(iter(self._batches("train")), None)
+        if batch is None:
+            return
+        inputs, masks, target = batch
+        with self._side_effect_free():
+            out = self.model(*self.method.prepare(inputs, masks))
+            self.method.loss(out, target, self.task.loss(out.prediction, target))
+            self.method.skip()
+
     # -- data -----------------------------------------------------------------------------------
     def _batches(self, split: str, epoch: int = 0, skip: int = 0, shard: bool = False) -> Iterator:
         dataset = getattr(self.data, split)
@@ -469,7 +507,12 @@ class Trainer:
             start_epoch, skip = state["epoch"], state["batch"]
             best, history, records = state["best"], state["history"], state["records"]
             partial = state.get("partial", partial)
-            self._log(f"resumed from {last} at epoch {start_epoch}, batch {skip}")
+            if start_epoch >= c.epochs:
+                self._log(f"{last} is a finished run ({start_epoch} epochs): evaluating test on its selected "
+                          f"checkpoint (raise train.epochs to train on)")
+                self._materialise_method()  # no step will build what the method builds on its first batch
+            else:
+                self._log(f"resumed from {last} at epoch {start_epoch}, batch {skip}")
         t_start = time.perf_counter()
         for epoch in range(start_epoch, c.epochs):
             if skip == 0:
