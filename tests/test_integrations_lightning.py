@@ -202,3 +202,20 @@ def test_checkpoint_of_another_method_is_refused(data, tmp_path):
     other = MethodModule(_model(data), build_method("ogm_ge"), data.task)
     with pytest.raises(ValueError, match="written with method 'cggm'"):
         _fit(other, data, _trainer(tmp_path / "b", 2), ckpt_path=str(tmp_path / "a" / "epoch=0.ckpt"))
+
+
+def test_test_from_a_checkpoint(data, tmp_path):
+    """trainer.test(ckpt_path=...) on a fresh module evaluates the checkpoint's model. (CGGM builds
+    its classifiers at its first training step, so a module that never trained logs no
+    test/clf/<modality>: the loaded classifiers wait in the method's state until then.)"""
+    module = MethodModule(_model(data), build_method("cggm"), data.task, lr=1e-2)
+    trainer = _fit(module, data, _trainer(tmp_path, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = trainer.test(module, dataloader(data.test, 16), verbose=False)[0]
+        fresh = MethodModule(_model(data, seed=5), build_method("cggm"), data.task)
+        got = _trainer(tmp_path / "eval", 1).test(fresh, dataloader(data.test, 16), verbose=False,
+                                                   ckpt_path=str(tmp_path / "epoch=1.ckpt"))[0]
+    assert {"test/accuracy", "test/clf/strong", "test/clf/weak"} <= set(expected)
+    assert {k: v for k, v in expected.items() if "/clf/" not in k} == got
+    assert fresh.method.state_dict()["classifiers"].keys() == module.method.classifiers.state_dict().keys()
