@@ -219,3 +219,23 @@ def test_test_from_a_checkpoint(data, tmp_path):
     assert {"test/accuracy", "test/clf/strong", "test/clf/weak"} <= set(expected)
     assert {k: v for k, v in expected.items() if "/clf/" not in k} == got
     assert fresh.method.state_dict()["classifiers"].keys() == module.method.classifiers.state_dict().keys()
+
+
+def test_a_step_lightning_skips_is_seen_by_the_method(data, tmp_path):
+    """method.step(LightningOptimizer): a precision plugin that skips the wrapped optimizer's step
+    (as a scaler does on inf) leaves the method uncommitted for that step."""
+    from lightning.pytorch.plugins.precision import Precision
+
+    class SkipOddSteps(Precision):
+        calls = 0
+
+        def optimizer_step(self, optimizer, model, closure, **kwargs):
+            self.calls += 1
+            if self.calls % 2:
+                return closure()
+            return super().optimizer_step(optimizer, model, closure, **kwargs)
+
+    module = MethodModule(_model(data), build_method("cggm"), data.task, lr=1e-2)
+    trainer = _fit(module, data, _trainer(tmp_path, 2, num_sanity_val_steps=0, plugins=[SkipOddSteps()]))
+    assert trainer.global_step == 8 and module.method.global_step == 4
+    assert module.method.classifier_opt.state_dict()["state"][0]["step"] == 4  # classifiers stepped 4 times
