@@ -68,8 +68,7 @@ def test_whole_model_compile_without_the_gradient_direction_term(data, direction
 
 def test_whole_model_compile_with_B_on_gradients_fails(data):
     """SGD: B's hooks sit on the feature tensors the compiled model returns, which its head (inside
-    the graph) never reads. The hook is then called with grad=None: today that raises an
-    AttributeError in cggm.methods.base._FeatureScale instead of the ProtocolError meant for
-    this case (reported); either way the run stops rather than train without B."""
-    with pytest.raises((ProtocolError, AttributeError)):
+    the graph) never reads. The hook is called with grad=None, so it never fires, and the step
+    stops with the ProtocolError meant for this case rather than train without B."""
+    with pytest.raises(ProtocolError, match="no gradient flowed"):
         _run(data, whole="aot_eager", direction="off", optimizer="sgd", steps=1)

@@ -86,14 +86,15 @@ def test_the_wrapped_torch_optimizer_works_too(data):
     assert method.global_step == 4
 
 
-def test_stepping_the_accelerated_optimizer_directly_fails_today(data):
-    """The README says so: AcceleratedOptimizer subclasses torch.optim.Optimizer without calling
-    its __init__, so the step hooks method.step(optimizer) uses are missing. If this starts to pass,
-    cggm.methods.base accepts it: simplify the README's Accelerate recipe."""
+def test_stepping_the_accelerated_optimizer_directly(data):
+    """method.step(accelerated_optimizer): AcceleratedOptimizer subclasses torch.optim.Optimizer
+    without calling its __init__; the method observes the wrapped optimizer's step instead."""
     model, optimizer, method = _setup(data)
     model, optimizer, loader = Accelerator(cpu=True).prepare(model, optimizer, _loader(data))
-    with pytest.raises(AttributeError, match="_optimizer_step_post_hooks"):
-        _train(model, optimizer, method, loader, data, optimizer, epochs=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    _train(model, optimizer, method, loader, data, optimizer, epochs=1)
+    assert method.global_step == len(loader)
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
 def test_bf16(data):

@@ -71,14 +71,15 @@ class HeadMethod(Method):
             # drawn from the global RNG, which is then put back: building the heads again when a
             # resumed run loads their saved weights must not shift the random stream of later steps
             device = out.features[0].device
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.inference_mode(False), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 self.heads = nn.ModuleList(UniHead(h.detach(), self.task.num_outputs) for h in out.features)
             self.head_opt = torch.optim.Adam(self.heads.parameters(), lr=self.head_lr,
                                              weight_decay=self.head_weight_decay)
             if self._pending_heads is not None:
                 state, self._pending_heads = self._pending_heads, None
-                self.heads.load_state_dict(state["heads"])
-                self.head_opt.load_state_dict(state["head_opt"])
+                with torch.inference_mode(False):
+                    self.heads.load_state_dict(state["heads"])
+                    self.head_opt.load_state_dict(state["head_opt"])
         return self.heads
 
     def target_size(self, target: Tensor) -> tuple[int, int] | None:

@@ -260,11 +260,14 @@ class Method:
         """Take the optimizer step and commit the method's staged state; returns whether the step
         was taken.
 
-        optimizer: a ``torch.optim.Optimizer``, or any function that takes the model's step (it
-            may return ``False`` to say it skipped it).
-        scaler: a ``torch.amp.GradScaler``: the step is ``scaler.step(optimizer)`` (skipped when it
-            finds inf/NaN gradients, and then nothing is committed), and the method's own
-            optimizers step through the scaler too. Call ``scaler.update()`` afterwards, as usual.
+        optimizer: a ``torch.optim.Optimizer`` (or a wrapper of one that keeps it in
+            ``.optimizer``, as Accelerate's and Lightning's do), or any function that takes the
+            model's step (it may return ``False`` to say it skipped it).
+        scaler: a ``torch.amp.GradScaler``: with an optimizer the step is
+            ``scaler.step(optimizer)`` (skipped when it finds inf/NaN gradients, and then nothing
+            is committed); with a step function, that function takes the model's step (through
+            the scaler) itself. Either way the method's own optimizers step through the scaler
+            too, before you call ``scaler.update()``.
         """
         self._require_bound("step")
         if not self._n_losses:
@@ -414,7 +417,9 @@ class _FeatureScale:
     def __init__(self, factor: Tensor, fired: list[bool]):
         self.factor, self.fired = factor, fired
 
-    def __call__(self, grad: Tensor) -> Tensor:
+    def __call__(self, grad: Tensor | None) -> Tensor | None:
+        if grad is None:  # (no gradient reached the tensor: nothing to scale, and not fired)
+            return None
         self.fired[0] = True
         return grad * self.factor.to(grad.dtype)
 
@@ -435,9 +440,7 @@ def _by_modality(params, modalities: Sequence[str]) -> dict[str, list[nn.Paramet
 
 def _step_function(optimizer, scaler) -> Callable[[], bool]:
     """A function that takes the model's step and returns whether it was taken."""
-    if scaler is not None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError("step(optimizer, scaler=...) needs a torch.optim.Optimizer to pass to scaler.step().")
+    if scaler is not None and isinstance(optimizer, torch.optim.Optimizer):
         return lambda: _observed(optimizer, lambda: scaler.step(optimizer))
     if isinstance(optimizer, torch.optim.Optimizer):
         return lambda: _observed(optimizer, optimizer.step)
@@ -446,13 +449,25 @@ def _step_function(optimizer, scaler) -> Callable[[], bool]:
     raise TypeError(f"step() needs an optimizer or a step function, got {type(optimizer).__name__}.")
 
 
+def _innermost(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer that actually steps: wrappers (Accelerate's AcceleratedOptimizer,
+    Lightning's LightningOptimizer) keep it in ``.optimizer``; some subclass Optimizer without
+    initialising it, so their own step hooks do not exist."""
+    seen = 0
+    while hasattr(optimizer, "optimizer") and isinstance(optimizer.optimizer, torch.optim.Optimizer) and seen < 8:
+        optimizer, seen = optimizer.optimizer, seen + 1
+    return optimizer
+
+
 def _observed(optimizer: torch.optim.Optimizer, run: Callable[[], Any]) -> bool:
+    """Run ``run`` (which steps ``optimizer``, possibly through a wrapper or a GradScaler) and
+    return whether the underlying optimizer's step actually ran."""
     ran = [False]
 
     def hook(*_: Any) -> None:
         ran[0] = True
 
-    handle = optimizer.register_step_post_hook(hook)
+    handle = _innermost(optimizer).register_step_post_hook(hook)
     try:
         run()
     finally:

@@ -342,13 +342,15 @@ class CGGM(Method):
         # drawn from the global RNG, which is then put back: building them when a resumed run
         # loads their saved weights must not shift the random stream (dropout, ...) of the steps
         device = out.features[0].device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # (normal tensors even when first built under inference mode, e.g. an evaluation-only restore)
+        with torch.inference_mode(False), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             self.classifiers = nn.ModuleList(
                 build_classifier(h.detach(), hidden, self.task.num_outputs, self.classifier_layers)
                 for h in out.features
             )
         self._check_classifier_shapes()
-        self._make_optimizer()
+        with torch.inference_mode(False):
+            self._make_optimizer()
 
     def _check_classifier_shapes(self) -> None:
         """Eq. 12 compares the head's last-layer gradient with each classifier's: same shapes."""
@@ -486,6 +488,8 @@ class CGGM(Method):
         self._eval_sums = None
 
     def eval_step(self, out: ModelOutput, target: Tensor) -> None:
+        if self.classifiers is None and self._pending_state is not None:
+            self._build_classifiers(out)  # restored for evaluation only: build them and load their weights
         if self.classifiers is None:
             return
         size = tuple(target.shape[-2:]) if self.task.kind == "segmentation" else None
