@@ -63,7 +63,8 @@ def test_ddp_equals_single_process_with_the_same_global_batch(runs, method):
 @pytest.mark.parametrize("method", ["cggm", "joint"])
 def test_only_rank_0_writes_files(runs, method):
     *_, out = runs
-    assert sorted(p.name for p in (out / f"{method}-rank0").iterdir()) == ["best.pt", "last.pt", "result.json"]
+    assert sorted(p.name for p in (out / f"{method}-rank0").iterdir()) == [
+        "best.pt", "history.json", "last.pt", "metrics.jsonl", "records.json", "result.json"]
     assert not (out / f"{method}-rank1").exists()
 
 

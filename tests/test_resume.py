@@ -268,8 +268,8 @@ def test_a_resume_may_extend_epochs_and_change_how_it_reports(finished_run):
     data = _data()
     seed_everything(0)
     model = build_model("mlp", data.input_shapes, data.task, feature_dim=8, hidden=16, head_hidden=16, dropout=0.1)
-    config = TrainConfig(epochs=2, batch_size=16, checkpoint_every=5, progress=True, scheduler="cosine", seed=0,
-                         eval_batch_size=8, on_nonfinite="skip")
+    config = TrainConfig(epochs=2, batch_size=16, checkpoint_every=5, progress=True, log_interval=1.0, threads=1,
+                         scheduler="cosine", seed=0, eval_batch_size=8, on_nonfinite="skip")
     result = Trainer(model, build_method("joint"), data, config, output_dir=finished_run,
                      fingerprint={"arch": "mlp"}).fit()
     assert [h["epoch"] for h in result.history] == [0, 1]

@@ -6,16 +6,23 @@ progress lines when stderr is not a terminal, TensorBoard behind its extra)."""
 from __future__ import annotations
 
 import errno
+import io
 import json
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cggm import cli
 from cggm.config import ConfigError, check_config, load_config
+from cggm.data import load_dataset
+from cggm.methods import build_method
+from cggm.models import build_model
 from cggm.training import TrainConfig, TrainConfigError, Trainer, load_checkpoint
 from cggm.training import checkpoint as checkpoint_module
+from cggm.training import progress as progress_module
 
 TINY = ["--preset", "synthetic", "--quiet", "--set", "dataset.options={dim: 8, n_train: 64, n_val: 16, n_test: 16}",
         "--set", "model.options={feature_dim: 8, hidden: 16, head_hidden: 16}",
@@ -109,7 +116,7 @@ def test_resume_refuses_changed_settings_and_allows_more_epochs(tmp_path, capsys
     assert "--no-resume" in err and "new --output" in err
     assert _snapshot(out) == before  # config.yaml still says what the checkpoint was trained with
     # more epochs and other progress settings continue the run
-    assert cli.main(["train", *TINY, "--set", "train.epochs=2", "--set", "train.checkpoint_every=2",
+    assert cli.main(["train", *TINY, "--set", "train.epochs=2", "--set", "train.log_interval=5",
                      "--output", str(out)]) == 0
     assert [row["epoch"] for row in json.loads((out / "result.json").read_text())["history"]] == [0, 1]
     assert load_config(out / "config.yaml")["train"]["epochs"] == 2
@@ -179,3 +186,113 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, capsys, monkeypatch):
     monkeypatch.undo()
     assert cli.main(shlex.split(command)[1:]) == 0
     assert [row["epoch"] for row in json.loads((out / "result.json").read_text())["history"]] == [0, 1]
+
+
+# -- 4. the files of a run, progress, threads, TensorBoard ---------------------------------------------
+def test_a_run_writes_metrics_as_it_goes_and_the_files_the_readme_promises(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    lines_at_validation = []
+    real_evaluate = Trainer.evaluate
+
+    def evaluate(self, split):
+        if split == "val":
+            path = out / "metrics.jsonl"
+            lines_at_validation.append(len(path.read_text().splitlines()) if path.exists() else None)
+        return real_evaluate(self, split)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    assert cli.main(["train", *TINY, "--set", "train.epochs=3", "--output", str(out)]) == 0
+    assert lines_at_validation == [0, 1, 2]  # epoch e's line is there before epoch e + 1 ends
+    assert {"config.yaml", "last.pt", "best.pt", "metrics.jsonl", "history.json", "records.json",
+            "result.json"} <= {p.name for p in out.iterdir()}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    history = json.loads((out / "history.json").read_text())
+    assert rows == history == json.loads((out / "result.json").read_text())["history"]
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and {"train_loss", "lr", "val/accuracy", "val/clf/weak"} <= set(rows[0])
+    records = json.loads((out / "records.json").read_text())
+    assert len(records["B/strong"]) == len(records["B/weak"]) == 3 * 4  # 64 samples / 16 per batch, 3 epochs
+
+
+def test_progress_is_plain_periodic_lines_when_stderr_is_not_a_terminal(capsys):
+    data = load_dataset("synthetic", dim=8, n_train=64, n_val=16, n_test=16)
+    model = build_model("mlp", data.input_shapes, data.task, feature_dim=8, hidden=16, head_hidden=16)
+    config = TrainConfig(epochs=2, batch_size=16, log_interval=0)
+    Trainer(model, build_method("joint"), data, config).fit()
+    err = capsys.readouterr().err
+    steps = [line for line in err.splitlines() if " step " in line]
+    assert [s.split(" loss ")[0] for s in steps] == [f"epoch {e}/2 step {i}/4" for e in (1, 2) for i in (1, 2, 3)]
+    assert "\r" not in err and len([line for line in err.splitlines() if "train_loss" in line]) == 2
+    # at the default interval (30 s) a short epoch prints its summary line only
+    Trainer(model, build_method("joint"), data, TrainConfig(epochs=1, batch_size=16)).fit()
+    assert [line.split(" | ")[0] for line in capsys.readouterr().err.splitlines()] == ["epoch 1/1"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("with_tqdm", [True, False])
+def test_progress_on_a_terminal_is_a_bar_with_or_without_tqdm(monkeypatch, with_tqdm):
+    if with_tqdm:
+        pytest.importorskip("tqdm")
+    else:
+        monkeypatch.setattr(progress_module, "_tqdm", lambda: None)
+    stream = _Terminal()
+    bar = progress_module.Progress(epochs=3, stream=stream)
+    bar.start_epoch(0, total=4)
+    for i in range(1, 5):
+        bar.step(i, torch.tensor(0.5))
+    bar.end_epoch()
+    text = stream.getvalue()
+    assert "epoch 1/3" in text and "\r" in text
+    if with_tqdm:
+        assert "0/4 [00:00<?, ?step/s]" in text  # tqdm's bar (redrawn at most every 0.1 s, cleared at the end)
+    else:
+        assert text.endswith("\repoch 1/3 [########################] 4/4 loss 0.5000\n")
+
+
+def test_threads_are_set_during_fit_and_given_back(monkeypatch):
+    data = load_dataset("synthetic", dim=8, n_train=64, n_val=16, n_test=16)
+    model = build_model("mlp", data.input_shapes, data.task, feature_dim=8, hidden=16, head_hidden=16)
+    seen = []
+    real_step = Trainer._train_step
+    monkeypatch.setattr(Trainer, "_train_step",
+                        lambda self, *a, **k: (seen.append(torch.get_num_threads()), real_step(self, *a, **k))[1])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        Trainer(model, build_method("joint"), data, TrainConfig(epochs=1, batch_size=16, threads=1,
+                                                                 progress=False)).fit()
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        Trainer(model, build_method("joint"), data, TrainConfig(epochs=1, batch_size=16, progress=False)).fit()
+        assert set(seen) == {2}  # threads: null leaves torch's setting alone
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error_before_anything_is_written(tmp_path, capsys,
+                                                                                        monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` now raises ImportError
+    out = tmp_path / "run"
+    assert cli.main(["train", *TINY, "--set", "train.tensorboard=true", "--output", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "cggm train: error: TensorBoard logging (train.tensorboard) needs the optional package 'tensorboard', which "
+        "is not installed. Install it with: pip install 'cggm[tensorboard]'\n")
+    assert not out.exists()
+
+
+def test_tensorboard_writes_epoch_scalars_and_step_records(tmp_path):
+    pytest.importorskip("tensorboard", reason="the `tensorboard` extra is not installed (pip install 'cggm[tensorboard]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert cli.main(["train", *TINY, "--set", "train.epochs=2", "--set", "train.tensorboard=true",
+                     "--output", str(out)]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"val/accuracy", "train/train_loss", "B/strong"} <= tags
+    assert [e.step for e in events.Scalars("val/accuracy")] == [1, 2]
+    assert len(events.Scalars("B/strong")) == 2 * 4

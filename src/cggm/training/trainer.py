@@ -9,6 +9,9 @@
 * checkpoints every ``checkpoint_every`` steps and at each epoch end, written atomically, with
   everything needed for an exact resume (model, optimizer, scheduler, method state, RNG, data
   position); a resume with other settings than the checkpoint's is refused, naming each change.
+* as it goes: ``metrics.jsonl`` (a line per epoch), ``history.json``, then ``records.json`` and
+  ``result.json`` (and TensorBoard scalars with ``tensorboard=True``); progress on stderr, a bar on
+  a terminal and a plain line every ``log_interval`` seconds otherwise.
 * a non-finite loss or gradient stops the run with a message naming the step (or, with
   ``on_nonfinite="skip"``, skips and counts the step).
 * DDP: if ``torch.distributed`` is initialised, the model is wrapped in DistributedDataParallel,
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import random
 import sys
@@ -42,6 +44,8 @@ from ..methods.base import EpochContext, Method
 from ..metrics.tracker import MetricTracker, selection_metric
 from ..types import ModelOutput
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .outputs import RunFiles, require_tensorboard, write_json
+from .progress import Progress
 
 
 class NonFiniteError(RuntimeError):
@@ -62,8 +66,8 @@ class TrainConfigError(ValueError):
 
 # settings a resumed run may change: how it reports and paces itself, not what it computes
 # (``epochs`` may grow: see Trainer._load_resume_state)
-RESUMABLE_CHANGES = ("epochs", "progress", "checkpoint_every", "step_delay", "eval_batch_size", "deterministic",
-                     "on_nonfinite")
+RESUMABLE_CHANGES = ("epochs", "progress", "log_interval", "threads", "tensorboard", "checkpoint_every",
+                     "step_delay", "eval_batch_size", "deterministic", "on_nonfinite")
 
 
 @dataclass
@@ -93,16 +97,20 @@ class TrainConfig:
     select_metric: str | None = None  # default: accuracy / mae / dice_mean by task
     select_mode: Literal["max", "min"] | None = None
     progress: bool = True
+    log_interval: float = 30.0  # seconds between plain progress lines when stderr is not a terminal
+    threads: int | None = None  # torch.set_num_threads during fit(); None leaves torch alone
+    tensorboard: bool = False  # TensorBoard scalars in OUTPUT/tensorboard (the `tensorboard` extra)
     deterministic: bool = False
     step_delay: float = 0.0  # seconds slept after each step (to test fault tolerance; 0 = off)
 
-    _INTS = ("epochs", "batch_size", "eval_batch_size", "plateau_patience", "warmup_epochs", "seed", "checkpoint_every")
+    _INTS = ("epochs", "batch_size", "eval_batch_size", "plateau_patience", "warmup_epochs", "seed", "checkpoint_every",
+             "threads")
     _FLOATS = ("lr", "weight_decay", "momentum", "plateau_factor", "min_lr", "step_delay", "warmup_start_lr",
-               "clip_grad_norm")
-    _BOOLS = ("progress", "deterministic")
+               "clip_grad_norm", "log_interval")
+    _BOOLS = ("progress", "deterministic", "tensorboard")
     _CHOICES = {"optimizer": ("adam", "adamw", "sgd"), "scheduler": ("none", "plateau", "cosine"),
                 "on_nonfinite": ("stop", "skip"), "select_mode": ("max", "min")}
-    _OPTIONAL = ("warmup_start_lr", "clip_grad_norm", "select_mode", "select_metric")
+    _OPTIONAL = ("warmup_start_lr", "clip_grad_norm", "threads", "select_mode", "select_metric")
     _RANGES = {  # field: (test of a value of the right type, what the value must be)
         "epochs": (lambda v: v >= 1, ">= 1"),
         "batch_size": (lambda v: v >= 1, ">= 1"),
@@ -118,6 +126,8 @@ class TrainConfig:
         "clip_grad_norm": (lambda v: v > 0, "> 0 or null"),
         "checkpoint_every": (lambda v: v >= 0, ">= 0 (steps; 0: at epoch ends only)"),
         "step_delay": (lambda v: v >= 0, ">= 0"),
+        "log_interval": (lambda v: v >= 0, ">= 0 (seconds)"),
+        "threads": (lambda v: v >= 1, ">= 1 or null (null: leave torch's setting)"),
         "select_metric": (lambda v: isinstance(v, str) and v != "",
                           "a metric name (e.g. accuracy, mae, loss) or null (the task's default)"),
     }
@@ -216,10 +226,11 @@ class Trainer:
     """Train ``model`` with ``method`` on ``data``; see the module docstring.
 
     The model stays on the device it is on (move it before); batches follow it.
-    ``output_dir`` receives ``last.pt``, ``best.pt``, ``history.json`` and ``records.json``
-    (rank 0 only); with ``resume=True`` an existing ``last.pt`` there is resumed, if it was written
-    with the same settings (``fingerprint``: method, modalities, dataset, the training settings but
-    those in ``RESUMABLE_CHANGES``, and what the caller adds), else refused naming each difference.
+    ``output_dir`` receives ``last.pt``, ``best.pt``, ``metrics.jsonl``, ``history.json``,
+    ``records.json`` and ``result.json`` (rank 0 only; see :mod:`cggm.training.outputs`); with
+    ``resume=True`` an existing ``last.pt`` there is resumed, if it was written with the same
+    settings (``fingerprint``: method, modalities, dataset, the training settings but those in
+    ``RESUMABLE_CHANGES``, and what the caller adds), else refused naming each difference.
     """
 
     def __init__(self, model: nn.Module, method: Method, data: DataSplits, config: TrainConfig | None = None,
@@ -237,6 +248,11 @@ class Trainer:
         self.fingerprint = {"method": method.name, "modalities": list(data.modalities), "dataset": data.name,
                             "train": self.config.fingerprint(), **(fingerprint or {})}
         self.rank, self.world = distributed.rank(), distributed.world_size()
+        if self.config.tensorboard:
+            if self.output_dir is None:
+                raise TrainConfigError([("tensorboard", "tensorboard needs an output directory (--output) to write to")])
+            if distributed.is_main_process():
+                require_tensorboard()  # now, not after the first epoch
         # read and check a checkpoint to resume now, before anything is written or trained
         self._resume_state = self._load_resume_state() if resume else None
         self.train_model: nn.Module = model
@@ -486,6 +502,22 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> RunResult:
         c = self.config
+        threads = torch.get_num_threads()
+        if c.threads is not None:
+            torch.set_num_threads(c.threads)
+        main = distributed.is_main_process()
+        files = RunFiles(self.output_dir if main else None, c.tensorboard)
+        progress = Progress(c.epochs, c.log_interval, enabled=c.progress and main)
+        try:
+            return self._fit(files, progress)
+        finally:
+            progress.end_epoch()
+            files.close()
+            if c.threads is not None:
+                torch.set_num_threads(threads)
+
+    def _fit(self, files: RunFiles, progress: Progress) -> RunResult:
+        c = self.config
         if c.deterministic:
             torch.use_deterministic_algorithms(True)
         seed_everything(c.seed)
@@ -513,6 +545,12 @@ class Trainer:
                 self._materialise_method()  # no step will build what the method builds on its first batch
             else:
                 self._log(f"resumed from {last} at epoch {start_epoch}, batch {skip}")
+        # how many of each record are in the TensorBoard files already: those of the epochs before
+        # (a mid-epoch checkpoint holds part of its epoch's records, which are written at its end)
+        logged = {k: len(v) for k, v in records.items()}
+        if skip and "records_logged" in partial:
+            logged = dict(partial["records_logged"])
+        files.begin(history)
         t_start = time.perf_counter()
         for epoch in range(start_epoch, c.epochs):
             if skip == 0:
@@ -525,6 +563,7 @@ class Trainer:
             loss_sum = torch.zeros((), device=self.device) + partial["loss_sum"]
             steps = partial["steps"]
             batch_index = skip
+            progress.start_epoch(epoch, steps_per_epoch, skip)
             for batch_index, batch in enumerate(self._batches("train", epoch, skip, shard=True), start=skip):
                 loss = self._train_step(*batch, epoch=epoch, batch_index=batch_index, last=last)
                 if loss is not None:  # (a skipped step's records describe a step that was not taken)
@@ -538,13 +577,14 @@ class Trainer:
                         and batch_index + 1 < steps_per_epoch:
                     self._flush(records, epoch_records)
                     partial = {"loss_sum": float(loss_sum), "steps": steps,
-                               "seconds": partial["seconds"] + time.perf_counter() - t_epoch}
+                               "seconds": partial["seconds"] + time.perf_counter() - t_epoch, "records_logged": logged}
                     t_epoch = time.perf_counter()
                     self._save("last.pt", self._state(epoch, batch_index + 1, {
                         "best": best, "history": history, "records": records, "partial": partial}))
-                self._progress(epoch, batch_index + 1, steps_per_epoch, loss)
+                progress.step(batch_index + 1, loss)
                 if c.step_delay:
                     time.sleep(c.step_delay)
+            progress.end_epoch()
             skip = 0
             self._flush(records, epoch_records)
             seconds = partial["seconds"] + time.perf_counter() - t_epoch
@@ -567,6 +607,8 @@ class Trainer:
             partial = {"loss_sum": 0.0, "steps": 0, "seconds": 0.0}
             self._save("last.pt", self._state(epoch + 1, 0, {"best": best, "history": history, "records": records,
                                                               "partial": partial}))
+            files.epoch_end(row, history, records, logged)
+            logged = {k: len(v) for k, v in records.items()}
             self._log(self._summary(row))
         # test once, on the checkpoint selected on validation
         if best_weights is None and self.output_dir is not None and (self.output_dir / "best.pt").exists():
@@ -582,8 +624,8 @@ class Trainer:
                            output_dir=None if self.output_dir is None else str(self.output_dir),
                            extra={"final_weights": final_weights})
         if self.output_dir is not None and distributed.is_main_process():
-            (self.output_dir / "result.json").write_text(json.dumps(
-                {k: v for k, v in result.to_json().items() if k != "extra"}, indent=1, default=float))
+            write_json(self.output_dir / "result.json", {k: v for k, v in result.to_json().items() if k != "extra"})
+            files.end(history, records)
         return result
 
     def _train_step(self, inputs, masks, target, epoch: int, batch_index: int, last) -> torch.Tensor | None:
@@ -635,15 +677,6 @@ class Trainer:
     def _log(self, msg: str) -> None:
         if self.config.progress and distributed.is_main_process():
             print(msg, file=sys.stderr, flush=True)
-
-    def _progress(self, epoch: int, done: int, total: int, loss) -> None:
-        if not (self.config.progress and distributed.is_main_process() and sys.stderr.isatty()):
-            return
-        width = 24
-        filled = int(width * done / total)
-        loss_txt = "" if loss is None else f" loss {float(loss):.4f}"
-        print(f"\repoch {epoch + 1}/{self.config.epochs} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
-              f"{loss_txt}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     def _summary(self, row: dict[str, Any]) -> str:
         parts = [f"epoch {row['epoch'] + 1}/{self.config.epochs}", f"train_loss {row['train_loss']:.4f}"]
