@@ -409,21 +409,6 @@ class Trainer:
                 for k, v in records.items():
                     self.method.record(k, v)
 
-    def _materialise_method(self) -> None:
-        """Build what the method builds on its first training batch (CGGM's classifiers), loading
-        the state restored for it, without training: one loss on a training batch, then skip
-        (which, by the method protocol, changes no state). A resumed run that has no step left to
-        train needs it, or its evaluation would lack the method's own metrics (and the rerun of a
-        finished run would rewrite result.json without them)."""
-        batch = next(iter(self._batches("train")), None)
-        if batch is None:
-            return
-        inputs, masks, target = batch
-        with self._side_effect_free():
-            out = self.model(*self.method.prepare(inputs, masks))
-            self.method.loss(out, target, self.task.loss(out.prediction, target))
-            self.method.skip()
-
     # -- data -----------------------------------------------------------------------------------
     def _batches(self, split: str, epoch: int = 0, skip: int = 0, shard: bool = False) -> Iterator:
         dataset = getattr(self.data, split)
@@ -542,7 +527,6 @@ class Trainer:
             if start_epoch >= c.epochs:
                 self._log(f"{last} is a finished run ({start_epoch} epochs): evaluating test on its selected "
                           f"checkpoint (raise train.epochs to train on)")
-                self._materialise_method()  # no step will build what the method builds on its first batch
             else:
                 self._log(f"resumed from {last} at epoch {start_epoch}, batch {skip}")
         # how many of each record are in the TensorBoard files already: those of the epochs before
