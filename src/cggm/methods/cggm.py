@@ -412,9 +412,12 @@ class CGGM(Method):
             self._build_classifiers(out)  # (also loads the saved ones on the first step after a resume)
         where = self.where_B_acts() if self.magnitude else None
         eps, grads = self._classify(out, target)
-        B, _ = self.rule.propose(eps)  # [M], Eq. 7 (or the robust rule); accepted in commit()
+        proposal = self.rule.propose(eps)  # B [M], Eq. 7 (or another rule), and the rule's next state
+        B = proposal[0]
         self._staged.append((eps, grads))
-        self._step_proposal = None
+        # with one micro-batch this is the step's proposal (accepted in commit); with several,
+        # the step's is recomputed from their mean metric
+        self._step_proposal = proposal if len(self._staged) == 1 else None
         for i, m in enumerate(self.modalities):
             self.record(f"B/{m}", B[i])
             self.record(f"eps/{m}", eps[i])
