@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._optional import require
 from .config import ConfigError, carry_method_options, resolved_options, same_method, train_config
 from .data.registry import load_dataset
 from .methods.registry import build_method, list_methods
@@ -89,19 +90,12 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
 
 
 def t_crit(n: int) -> float:
-    """Two-sided 95% Student-t critical value for n samples (n - 1 degrees of freedom).
-
-    Exact table values up to 10 samples; beyond, the Cornish-Fisher expansion of the t quantile
-    around the normal one (error below 1e-3 there)."""
-    table = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+    """Two-sided 95% Student-t critical value for n samples (n - 1 degrees of freedom), from
+    ``scipy.stats`` (the ``cli`` extra)."""
     if n < 2:
         return float("nan")
-    if n in table:
-        return table[n]
-    z, v = 1.959964, float(n - 1)
-    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
-            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
+    stats = require("scipy.stats", "cli", "Confidence intervals over seeds")
+    return float(stats.t.ppf(0.975, n - 1))
 
 
 def comparison_options(cfg: dict[str, Any], methods: Sequence[str],
