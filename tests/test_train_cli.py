@@ -188,6 +188,19 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, capsys, monkeypatch):
     assert [row["epoch"] for row in json.loads((out / "result.json").read_text())["history"]] == [0, 1]
 
 
+def test_ctrl_c_while_setting_up_is_no_traceback_either(tmp_path, capsys, monkeypatch):
+    import cggm.runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. while the data loads
+
+    monkeypatch.setattr(cggm.runner, "build_trainer", interrupted)
+    argv = ["train", *TINY, "--output", str(tmp_path / "run")]
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err == ("cggm train: interrupted before the first checkpoint; this command starts the "
+                                       f"run again:\n  {shlex.join(['cggm', *argv])}\n")
+
+
 # -- 4. the files of a run, progress, threads, TensorBoard ---------------------------------------------
 def test_a_run_writes_metrics_as_it_goes_and_the_files_the_readme_promises(tmp_path, monkeypatch):
     out = tmp_path / "run"

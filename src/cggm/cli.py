@@ -63,6 +63,17 @@ def _device(arg: str | None) -> str:
 
 
 def cmd_train(args) -> int:
+    try:
+        return _train(args)
+    except KeyboardInterrupt:  # Ctrl-C, while setting up or training: how to resume, not a traceback
+        from . import distributed
+
+        if distributed.is_main_process():
+            print(_interrupted(args, Path(args.output) if args.output else None), file=sys.stderr, flush=True)
+        return 130
+
+
+def _train(args) -> int:
     from . import distributed
     from .runner import build_trainer
 
@@ -81,12 +92,7 @@ def cmd_train(args) -> int:
             # the settings of the run in OUT (a resume was refused above if they changed any but
             # the resumable ones: train.epochs, progress and logging)
             (out / "config.yaml").write_text(require("yaml", "cli").safe_dump(cfg, sort_keys=False))
-        try:
-            result = trainer.fit()
-        except KeyboardInterrupt:
-            if distributed.is_main_process():
-                print(_interrupted(args, out), file=sys.stderr, flush=True)
-            return 130
+        result = trainer.fit()
         if distributed.is_main_process():
             print(f"best epoch (validation): {result.best_epoch + 1}")
             print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.val.items()))
