@@ -347,8 +347,9 @@ class Trainer:
         """The names :meth:`evaluate` will return in this run, known before training (to check
         ``select_metric``); ``None`` when they cannot be told.
 
-        The task's metrics come from the metric tracker on one training batch (or from a split that
-        evaluates itself, e.g. BraTS, its ``metric_names``). A method that reports its own metrics
+        The task's metrics come from the metric tracker on one training batch; a split that
+        evaluates itself (BraTS) is checked only if it declares ``metric_names`` (BraTS does not yet:
+        there, select_metric is checked after the first epoch). A method that reports its own metrics
         (CGGM: ``clf/<modality>``) is asked on a throw-away copy, after one loss on that batch so that
         modules it builds on the first batch exist; the model, the method and the random streams are
         left as they were."""
