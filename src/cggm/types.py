@@ -44,6 +44,30 @@ class ModelOutput:
 
 
 @dataclass(frozen=True)
+class Headline:
+    """The metric a task is judged by (checkpoint selection, reports, diagnostics) and its direction."""
+
+    name: str
+    higher_is_better: bool
+
+    @property
+    def mode(self) -> str:
+        """``max`` or ``min``: what a better value is."""
+        return "max" if self.higher_is_better else "min"
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether ``a`` is strictly better than ``b``."""
+        return a > b if self.higher_is_better else a < b
+
+
+#: per task kind: the headline metric, and the metrics a summary line shows
+_HEADLINES = {"classification": Headline("accuracy", True), "regression": Headline("mae", False),
+              "segmentation": Headline("dice_mean", True)}
+_SUMMARY_METRICS = {"classification": ("accuracy", "f1_weighted"), "regression": ("mae", "corr", "acc2_nonzero"),
+                    "segmentation": ("dice_mean",)}
+
+
+@dataclass(frozen=True)
 class Task:
     """What is predicted, and so which loss and which classifier metric are used.
 
@@ -120,9 +144,37 @@ class Task:
                 return -(pred - target.float()).abs().mean()
             return hard_dice(prediction.argmax(dim=1), target, self.num_outputs).mean()
 
+    # -- evaluation metrics ------------------------------------------------------------------------
+    @property
+    def headline(self) -> Headline:
+        """The metric this task is judged by, with its direction: accuracy (higher), MAE (lower) or
+        mean Dice (higher). Checkpoint selection, reports, the runner and the diagnostics read it."""
+        return _HEADLINES[self.kind]
+
+    @property
+    def summary_metrics(self) -> tuple[str, ...]:
+        """The metrics a one-line summary of a run shows (the headline first)."""
+        return _SUMMARY_METRICS[self.kind]
+
+    def metrics(self, device: torch.device | str | None = None, sync: bool = True):
+        """A fresh :class:`~cggm.metrics.MetricTracker` of this task's evaluation metrics (torchmetrics,
+        on ``device``; synced across DDP ranks at ``compute()`` when ``sync``)."""
+        from .metrics.tracker import MetricTracker
+
+        return MetricTracker(self, device=device, sync=sync)
+
+    def higher_is_better(self, name: str) -> bool:
+        """The direction of a metric of this task by name: the task's metrics declare theirs; other
+        names (a method's ``clf/<m>``, a split's own ``dice_<region>``) are higher-is-better unless
+        they are a loss or an error (``loss``, ``*loss``, ``mae``)."""
+        declared = self.metrics(sync=False).higher_is_better
+        if name in declared:
+            return declared[name]
+        return not (name in ("loss", "mae") or name.endswith("loss") or name.endswith("mae"))
+
     @property
     def higher_is_better_selection(self) -> bool:
-        return self.kind != "regression"
+        return self.headline.higher_is_better
 
 
 def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1e-5) -> Tensor:

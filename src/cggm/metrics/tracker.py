@@ -1,70 +1,226 @@
-"""Accumulate predictions over an evaluation pass and compute the task's metrics."""
+"""The task's evaluation metrics, accumulated on the device with torchmetrics and synced across
+DDP ranks at :meth:`MetricTracker.compute` (each rank updates with its shard of the split).
+
+Every metric declares whether higher is better (torchmetrics' ``higher_is_better``). The
+definitions are those of :mod:`cggm.metrics.functional` (kept as the reference); where
+torchmetrics' own definition differs, the state comes from torchmetrics and the final formula is
+ours:
+
+* ``f1_macro``: torchmetrics' macro F1 leaves out classes absent from both predictions and targets;
+  ours (and scikit-learn's with ``labels=range(C)``) counts them as 0. Computed from torchmetrics'
+  per-class stat scores with our formula (:class:`MacroF1`).
+* ``dice_class<c>`` / ``dice_mean`` (2D slices): per-sample hard Dice with an empty class scoring 1
+  (:func:`cggm.types.hard_dice`), averaged over samples; torchmetrics' ``DiceScore`` scores empty
+  classes differently. The per-sample Dice is ours, the accumulation and sync torchmetrics'
+  (:class:`SampleMeanDice`).
+* ``acc2_nonzero`` / ``f1_nonzero``: NaN when no label is non-zero (torchmetrics would give 0).
+"""
 
 from __future__ import annotations
 
-import numpy as np
+import math
+import warnings
+
 import torch
 from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.aggregation import SumMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassStatScores
+from torchmetrics.regression import MeanAbsoluteError, PearsonCorrCoef
 
 from ..types import Task, hard_dice
-from . import functional as F
+
+_IGNORE = -1  # target of the samples a metric leaves out (MOSI's zero labels for the "non-zero" metrics)
 
 
 def selection_metric(task: Task) -> tuple[str, str]:
-    """The validation metric used to select the checkpoint, and ``max`` or ``min``."""
-    if task.kind == "classification":
-        return "accuracy", "max"
-    if task.kind == "regression":
-        return "mae", "min"
-    return "dice_mean", "max"
+    """The validation metric used to select the checkpoint, and ``max`` or ``min`` (the task's headline)."""
+    return task.headline.name, task.headline.mode
+
+
+class MeanLoss(Metric):
+    """The mean loss over samples (each batch's mean loss weighted by its size; a NaN loss stays NaN:
+    torchmetrics' ``MeanMetric`` drops NaNs, or with ``nan_strategy='disable'`` drops the weights)."""
+
+    higher_is_better = False
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor, n: int) -> None:
+        self.total += value.detach().to(self.total.dtype) * n
+        self.count += n
+
+    def compute(self) -> Tensor:
+        return self.total / self.count
+
+
+class Pearson(PearsonCorrCoef):
+    """Pearson correlation (NaN when either side is constant, as :func:`~cggm.metrics.functional.pearson`)."""
+
+    higher_is_better = True
+
+
+class MacroF1(MulticlassStatScores):
+    """F1 averaged over all ``num_classes`` classes, a class absent from predictions and targets
+    counting 0 (:func:`cggm.metrics.functional.macro_f1`)."""
+
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(self, num_classes: int, **kwargs):
+        super().__init__(num_classes=num_classes, average=None, **kwargs)
+
+    def compute(self) -> Tensor:
+        tp, fp, _tn, fn = self._final_state()
+        denom = 2 * tp + fp + fn
+        f1 = torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.zeros_like(denom, dtype=torch.float64))
+        return f1.double().mean()
+
+
+class SampleMeanDice(Metric):
+    """Per-class hard Dice of each sample (:func:`cggm.types.hard_dice`), averaged over samples:
+    ``[num_classes - 1]`` (foreground classes)."""
+
+    higher_is_better = True
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, num_classes: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.add_state("total", torch.zeros(num_classes - 1, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, labels: Tensor, target: Tensor) -> None:
+        n = int(target.shape[0])
+        if n == 0:
+            return
+        per = torch.stack([hard_dice(labels[i], target[i], self.num_classes) for i in range(n)])
+        self.total += per.sum(0).to(self.total.dtype)
+        self.count += n
+
+    def compute(self) -> Tensor:
+        return self.total / self.count
+
+
+def _metric_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
 class MetricTracker:
-    """Collects one evaluation pass. Classification and regression keep predictions on the host;
-    segmentation keeps per-sample Dice sums (2D slices; volume-level Dice lives in the BraTS
-    evaluator)."""
+    """Collects one evaluation pass of a task: ``update(prediction, target, loss)`` per batch and
+    ``compute()`` once, a dict of floats (``loss`` first). Under DDP (an initialised process group
+    with ``sync=True``) each rank updates with its own samples and ``compute()`` (a collective:
+    every rank calls it) returns the metrics of all ranks' samples together.
 
-    def __init__(self, task: Task):
+    classification: ``accuracy``, ``f1_weighted``, ``f1_macro``. regression (CMU-MOSI conventions,
+    :func:`cggm.metrics.functional.sentiment_metrics`): ``mae``, ``corr``, ``acc7``,
+    ``acc2_nonneg``, ``f1_nonneg``, ``acc2_nonzero``, ``f1_nonzero``. segmentation (2D slices;
+    volume-level Dice lives in the BraTS evaluator): ``dice_class<c>`` and ``dice_mean``.
+    :attr:`higher_is_better` says each name's direction."""
+
+    def __init__(self, task: Task, device: torch.device | str | None = None, sync: bool = True):
         self.task = task
-        self.preds: list[np.ndarray] = []
-        self.targets: list[np.ndarray] = []
-        self.dice_sum: Tensor | None = None
-        self.loss_sum = 0.0
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        kw = {"sync_on_compute": sync, "dist_sync_on_step": False}
+        cls = {"validate_args": False, **kw}
+        agg = {"nan_strategy": "disable", **kw}  # a NaN loss stays NaN (a diverged model must show)
+        self.metrics: dict[str, Metric] = {"loss": MeanLoss(**kw), "_count": SumMetric(**agg)}
+        if task.kind == "classification":
+            c = task.num_outputs
+            self.metrics.update(accuracy=MulticlassAccuracy(c, average="micro", **cls),
+                                f1_weighted=MulticlassF1Score(c, average="weighted", **cls),
+                                f1_macro=MacroF1(c, **cls))
+        elif task.kind == "regression":
+            self.metrics.update(mae=MeanAbsoluteError(**kw), corr=Pearson(**kw),
+                                acc7=MulticlassAccuracy(7, average="micro", **cls),
+                                acc2_nonneg=MulticlassAccuracy(2, average="micro", **cls),
+                                f1_nonneg=MulticlassF1Score(2, average="weighted", **cls),
+                                acc2_nonzero=MulticlassAccuracy(2, average="micro", ignore_index=_IGNORE, **cls),
+                                f1_nonzero=MulticlassF1Score(2, average="weighted", ignore_index=_IGNORE, **cls),
+                                _nonzero=SumMetric(**agg))
+        else:
+            self.metrics["_dice"] = SampleMeanDice(task.num_outputs, **kw)
+        self._placed = False
         self.count = 0
 
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        """Each reported metric's direction."""
+        out = {}
+        for name, metric in self.metrics.items():
+            if name == "_dice":
+                out.update({f"dice_class{c}": True for c in range(1, self.task.num_outputs)}, dice_mean=True)
+            elif not name.startswith("_"):
+                out[name] = bool(metric.higher_is_better)
+        return out
+
+    def _place(self, device: torch.device) -> None:
+        if not self._placed or device != self.device:
+            self.device = device
+            dtype = _metric_dtype(device)
+            for metric in self.metrics.values():
+                metric.to(device)
+                metric.set_dtype(dtype)
+            self._placed = True
+
     def update(self, prediction: Tensor, target: Tensor, loss: Tensor | None = None) -> None:
+        self._place(prediction.device)
         n = int(target.shape[0])
         self.count += n
-        if loss is not None:
-            self.loss_sum += float(loss) * n
-        if self.task.kind == "segmentation":
-            labels = prediction.argmax(dim=1)
-            per = torch.stack([hard_dice(labels[i], target[i], self.task.num_outputs) for i in range(n)]).sum(0)
-            self.dice_sum = per if self.dice_sum is None else self.dice_sum + per
-            return
-        if self.task.kind == "classification":
-            self.preds.append(prediction.argmax(dim=1).cpu().numpy())
-        else:
-            self.preds.append(prediction.detach().float().reshape(n, -1)[:, 0].cpu().numpy())
-        self.targets.append(target.detach().cpu().numpy().reshape(n, -1)[:, 0] if self.task.kind == "regression"
-                            else target.cpu().numpy())
+        m = self.metrics
+        dtype = _metric_dtype(prediction.device)
+        with torch.no_grad():
+            if loss is not None:
+                m["loss"].update(loss.detach().to(dtype), n)
+            if n == 0:
+                return
+            m["_count"].update(torch.full((), float(n), dtype=dtype, device=prediction.device))
+            if self.task.kind == "classification":
+                labels, target = prediction.argmax(dim=1), target.long()
+                for k in ("accuracy", "f1_weighted", "f1_macro"):
+                    m[k].update(labels, target)
+            elif self.task.kind == "regression":
+                p = prediction.detach().reshape(n, -1)[:, 0].to(dtype)
+                t = target.detach().reshape(n, -1)[:, 0].to(dtype)
+                m["mae"].update(p, t)
+                m["corr"].update(p, t)
+                m["acc7"].update(p.round().clamp(-3, 3).long() + 3, t.round().clamp(-3, 3).long() + 3)
+                m["acc2_nonneg"].update((p >= 0).long(), (t >= 0).long())
+                m["f1_nonneg"].update((p >= 0).long(), (t >= 0).long())
+                nz = t != 0
+                t_nz = torch.where(nz, (t > 0).long(), torch.full_like(t, _IGNORE, dtype=torch.long))
+                m["acc2_nonzero"].update((p > 0).long(), t_nz)
+                m["f1_nonzero"].update((p > 0).long(), t_nz)
+                m["_nonzero"].update(nz.to(dtype).sum())
+            else:
+                m["_dice"].update(prediction.argmax(dim=1), target)
 
     def compute(self) -> dict[str, float]:
-        out: dict[str, float] = {"loss": self.loss_sum / max(self.count, 1)}
+        """The metrics of every sample seen (all ranks' under DDP): a collective when synced."""
+        out: dict[str, float] = {}
+        with warnings.catch_warnings():  # "compute before update", constant inputs of Pearson: handled below
+            warnings.simplefilter("ignore")
+            values = {k: v.compute() for k, v in self.metrics.items()}
+        loss_n, total = float(self.metrics["loss"].count), float(values.pop("_count"))
+        out["loss"] = float(values.pop("loss")) if loss_n > 0 else 0.0  # (no loss given counts 0, as before)
+        if total == 0:
+            return out
         if self.task.kind == "segmentation":
-            if self.dice_sum is not None:
-                d = (self.dice_sum / self.count).cpu().numpy()
-                for c, v in enumerate(d, start=1):
-                    out[f"dice_class{c}"] = float(v)
-                out["dice_mean"] = float(d.mean())
+            d = values.pop("_dice").double().cpu()
+            for c, v in enumerate(d.tolist(), start=1):
+                out[f"dice_class{c}"] = float(v)
+            out["dice_mean"] = float(d.mean())
             return out
-        if not self.preds:
-            return out
-        p, t = np.concatenate(self.preds), np.concatenate(self.targets)
-        if self.task.kind == "classification":
-            out["accuracy"] = F.accuracy(p, t)
-            out["f1_weighted"] = F.weighted_f1(p, t, self.task.num_outputs)
-            out["f1_macro"] = F.macro_f1(p, t, self.task.num_outputs)
-        else:
-            out.update(F.sentiment_metrics(p, t))
+        if self.task.kind == "regression":
+            if float(values.pop("_nonzero")) == 0:
+                values["acc2_nonzero"] = values["f1_nonzero"] = torch.tensor(math.nan)
+            if total < 2:
+                values["corr"] = torch.tensor(math.nan)
+        out.update({k: float(v) for k, v in values.items()})
         return out
