@@ -66,3 +66,45 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+# -- sharded evaluation -------------------------------------------------------------------------------
+EVAL_N = 37  # odd: the shards of 2 ranks differ in size, and no sample may be padded in
+
+
+def evaluate_all() -> dict:
+    """Evaluate fixed models (classification, regression) on an odd-sized split with
+    cggm.training.evaluation.evaluate in whatever process group is set up; also count the samples
+    this process forwarded."""
+    from cggm.data.base import MultimodalDataset
+    from cggm.methods import build_method
+    from cggm.models.factory import build_model
+    from cggm.training.evaluation import evaluate
+    from cggm.types import Task
+
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    tasks = {"classification": (Task("classification", 3), torch.randint(0, 3, (EVAL_N,), generator=g)),
+             "regression": (Task("regression", 1), (torch.randint(-3, 4, (EVAL_N, 1), generator=g) * 0.7))}
+    for kind, (task, target) in tasks.items():
+        inputs = {"a": torch.randn(EVAL_N, 6, generator=g), "b": torch.randn(EVAL_N, 4, generator=g)}
+        data = MultimodalDataset(inputs, target)
+        torch.manual_seed(1)
+        model = build_model("mlp", {"a": (6,), "b": (4,)}, task, feature_dim=8, hidden=16, head_hidden=16)
+        seen = []
+        model.register_forward_hook(lambda _m, args, _o, seen=seen: seen.append(int(next(iter(args[0].values())).shape[0])))
+        method = build_method("joint").bind(model, task, ("a", "b"))
+        out[kind] = {"metrics": evaluate(model, method, data, task, "cpu", batch_size=5), "seen": sum(seen)}
+    return out
+
+
+def eval_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(evaluate_all(), os.path.join(out_dir, f"eval{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

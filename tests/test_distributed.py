@@ -111,3 +111,21 @@ def test_every_method_keeps_replicas_identical_or_refuses_ddp(runs, method):
     for part in ("model", "method"):
         for k in r0[method][part]:
             assert torch.equal(r0[method][part][k], r1[method][part][k]), f"{method}: {part} {k} differs between ranks"
+
+
+def test_sharded_evaluation_equals_one_process(tmp_path):
+    """Under DDP each rank evaluates its shard (no sample twice, none padded in) and the metric
+    states are synced: every rank returns what one process returns on the whole split."""
+    mp.start_processes(_ddp_worker.eval_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    ranks = [torch.load(tmp_path / f"eval{r}.pt", weights_only=False) for r in range(2)]
+    single = _ddp_worker.evaluate_all()
+    n = _ddp_worker.EVAL_N
+    for kind, ref in single.items():
+        assert ref["seen"] == n
+        # rank r forwards samples r, r + 2, ...: 19 and 18 of 37
+        assert [r[kind]["seen"] for r in ranks] == [(n + 1) // 2, n // 2], kind
+        for r in ranks:
+            assert r[kind]["metrics"].keys() == ref["metrics"].keys(), kind
+            for name, value in ref["metrics"].items():
+                assert r[kind]["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-7, nan_ok=True), (kind, name)

@@ -46,11 +46,14 @@ from .data.base import BatchIterator, DataSplits
 from .data.registry import load_dataset
 from .diagnostics.probe import probe_encoders
 from .methods.base import UnsupportedSettingError
-from .metrics.tracker import MetricTracker
 from .runner import build_trainer, comparison_options, summarize
+from .training.evaluation import evaluate, replace_inputs
+from .types import TASK_KINDS, Task
 
-#: the metric a report shows per task kind, and whether higher (``max``) or lower (``min``) is better
-HEADLINE = {"classification": ("accuracy", "max"), "regression": ("mae", "min"), "segmentation": ("dice_mean", "max")}
+#: the metric a report shows per task kind, and ``max`` (higher is better) or ``min``: the task's
+#: headline (:attr:`cggm.types.Task.headline`), kept as a table for readers of this module
+HEADLINE = {kind: (Task(kind, 1 if kind == "regression" else 2).headline.name,
+                   Task(kind, 1 if kind == "regression" else 2).headline.mode) for kind in TASK_KINDS}
 
 
 # -- one run ----------------------------------------------------------------------------------------
@@ -65,36 +68,26 @@ def train_one(cfg: dict[str, Any], data: DataSplits, method: str, options: dict 
     return result, trainer.model, trainer.method
 
 
-@torch.no_grad()
 def evaluate_with(model, method, data: DataSplits, split: str = "test", fill: dict[str, torch.Tensor] | None = None,
                   batch_size: int = 512) -> dict[str, float]:
     """Metrics of ``model`` on a split through ``method``'s evaluation path, with the inputs of the
-    modalities in ``fill`` replaced by the given per-sample tensor (broadcast to every sample)."""
-    model.eval()
+    modalities in ``fill`` replaced by the given per-sample tensor (broadcast to every sample).
+
+    The engine's evaluation (:func:`cggm.training.evaluation.evaluate`): a split with its own
+    ``evaluate`` protocol (BraTS volumes) is scored by it, the replacement passed on as its
+    ``transform``. Evaluated in this process alone (not sharded across DDP ranks)."""
     device = next(model.parameters()).device
-    tracker = MetricTracker(data.task)
-    method.eval_begin()
-    for inputs, masks, target in BatchIterator(getattr(data, split), batch_size, shuffle=False):
-        inputs = {m: (fill[m].to(x.dtype).expand_as(x) if fill and m in fill else x).to(device)
-                  for m, x in inputs.items()}
-        masks = {m: v.to(device) for m, v in masks.items()}
-        target = target.to(device)
-        inputs, masks = method.prepare_eval(inputs, masks)
-        out = model(inputs, masks)
-        pred = method.eval_prediction(out)
-        tracker.update(pred, target, data.task.loss(pred, target))
-        method.eval_step(out, target)
-    metrics = tracker.compute()
-    method.eval_end()
-    return metrics
+    return evaluate(model, method, getattr(data, split), data.task, device, batch_size,
+                    transform=replace_inputs(fill) if fill else None, shard=False)
 
 
-def removal_drops(model, method, data: DataSplits, metric: str) -> tuple[float, dict[str, float]]:
-    """The fused test metric, and for each modality the metric lost when its input is replaced by
-    its training mean (positive = the model uses it; for an error metric the sign is flipped so
-    that positive still means "worse without it")."""
+def removal_drops(model, method, data: DataSplits, metric: str | None = None) -> tuple[float, dict[str, float]]:
+    """The fused test metric (default: the task's headline), and for each modality the metric lost
+    when its input is replaced by its training mean (positive = the model uses it; for a
+    lower-is-better metric the sign is flipped so that positive still means "worse without it")."""
+    metric = metric or data.task.headline.name
     full = evaluate_with(model, method, data)[metric]
-    sign = 1.0 if HEADLINE[data.task.kind][1] == "max" else -1.0
+    sign = 1.0 if data.task.higher_is_better(metric) else -1.0
     drops = {}
     for m in data.modalities:
         mean = data.train.inputs[m].float().mean(0, keepdim=True)
@@ -117,7 +110,7 @@ def record_summary(records: dict[str, list[float]], steps_per_epoch: int) -> dic
 def run_one(cfg, data: DataSplits, label: str, method: str, options: dict | None, seed: int,
             keep_records: bool = False) -> dict[str, Any]:
     """One run with its diagnostics, as a JSON-able dict."""
-    metric = HEADLINE[data.task.kind][0]
+    metric = data.task.headline.name
     result, model, bound = train_one(cfg, data, method, options, seed)
     full, drops = removal_drops(model, bound, data, metric)
     if data.task.kind == "segmentation":  # a linear probe reads vectors; these features are maps

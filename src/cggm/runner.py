@@ -170,7 +170,7 @@ def bench(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[int], met
                          "val": result.val, "best_epoch": result.best_epoch,
                          "seconds_per_epoch": result.seconds_per_epoch, "skipped_steps": result.skipped_steps})
             log(f"  {name:<16} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.test.items()
-                                                          if k in _headline(data.task)))
+                                                          if k in data.task.summary_metrics))
     metric_names = [k for k in runs[0]["test"] if k != "loss"] if runs else []
     summary = {name: {k: summarize([r["test"].get(k, float("nan")) for r in runs if r["method"] == name])
                       for k in metric_names} for name in methods}
@@ -180,11 +180,6 @@ def bench(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[int], met
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(report, indent=1, default=float))
     return report
-
-
-def _headline(task) -> tuple[str, ...]:
-    return {"classification": ("accuracy", "f1_weighted"), "regression": ("mae", "corr", "acc2_nonzero"),
-            "segmentation": ("dice_mean",)}[task.kind]
 
 
 def format_table(report: dict[str, Any], metrics: Sequence[str] | None = None) -> str:

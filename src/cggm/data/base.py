@@ -141,15 +141,20 @@ class BatchIterator:
 
     ``skip`` batches are skipped at the start (exact mid-epoch resume). Datasets with
     ``get_batch(indices)`` are sliced directly; others are collated item by item.
+
+    Under DDP (``world_size > 1``) the order is padded by wrapping so that every rank gets as many
+    samples (training: every rank takes as many steps); ``pad=False`` (evaluation) gives each rank
+    samples ``rank, rank + world_size, ...`` only, so that the shards partition the dataset and each
+    sample is scored once.
     """
 
     def __init__(self, dataset, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
-                 world_size: int = 1, skip: int = 0, drop_last: bool = False):
+                 world_size: int = 1, skip: int = 0, drop_last: bool = False, pad: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
         self.seed, self.epoch, self.rank, self.world_size, self.skip = seed, epoch, rank, world_size, skip
-        self.drop_last = drop_last
+        self.drop_last, self.pad = drop_last, pad
 
     def indices(self) -> Tensor:
         n = len(self.dataset)
@@ -159,8 +164,9 @@ class BatchIterator:
         else:
             order = torch.arange(n)
         if self.world_size > 1:
-            per_rank = -(-n // self.world_size)  # pad by wrapping so every rank gets as many samples
-            order = torch.cat([order, order[: per_rank * self.world_size - n]])
+            if self.pad:
+                per_rank = -(-n // self.world_size)  # pad by wrapping so every rank gets as many samples
+                order = torch.cat([order, order[: per_rank * self.world_size - n]])
             order = order[self.rank::self.world_size]
         return order
 

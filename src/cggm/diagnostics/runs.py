@@ -200,7 +200,7 @@ def diagnose(run_dir: str | Path, data_path: str | None = None, device: str = "c
     from ..data.base import DataError
     from ..methods.registry import build_method
     from ..models.factory import build_model
-    from ..report import HEADLINE, removal_drops
+    from ..report import removal_drops
     from ..runner import load_data
     from ..training.checkpoint import load_checkpoint
     from .probe import probe_encoders
@@ -230,7 +230,7 @@ def diagnose(run_dir: str | Path, data_path: str | None = None, device: str = "c
             method.load_state_dict(state["method"])
         except (KeyError, RuntimeError, ValueError):
             pass  # evaluation of most methods does not depend on their training state
-    metric, _mode = HEADLINE[data.task.kind]
+    metric = data.task.headline.name
     with torch.no_grad():
         full, drops = removal_drops(model, method, data, metric)
     probes = probe_encoders(model, data.train, data.test, data.task)

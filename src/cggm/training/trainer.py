@@ -41,9 +41,9 @@ from torch import nn
 from .. import distributed
 from ..data.base import BatchIterator, DataSplits
 from ..methods.base import EpochContext, Method
-from ..metrics.tracker import MetricTracker, selection_metric
 from ..types import ModelOutput
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .evaluation import evaluate
 from .outputs import RunFiles, require_tensorboard, write_json
 from .progress import Progress
 
@@ -263,11 +263,11 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.method.set_optimizer(self.optimizer)
         self.scheduler = None
-        self.select_name, self.select_mode = selection_metric(self.task)
+        self.select_name, self.select_mode = self.task.headline.name, self.task.headline.mode
         if self.config.select_metric:
             self.select_name = self.config.select_metric
-            lower_is_better = self.select_name in ("loss", "mae") or self.select_name.endswith("loss")
-            self.select_mode = self.config.select_mode or ("min" if lower_is_better else "max")
+            self.select_mode = self.config.select_mode or ("max" if self.task.higher_is_better(self.select_name)
+                                                           else "min")
             names = self.metric_names()
             if names is not None and self.select_name not in names:
                 raise TrainConfigError([("select_metric", f"select_metric {self.select_name!r} is not a metric of "
@@ -379,7 +379,7 @@ class Trainer:
                     pred = probe.eval_prediction(out)
                     probe.eval_step(out, target)
                     if not evaluates_itself:
-                        tracker = MetricTracker(self.task)
+                        tracker = self.task.metrics(device=self.device, sync=False)
                         tracker.update(pred, target, self.task.loss(pred, target))
                         names |= set(tracker.compute())
                     names |= set(probe.eval_end())
@@ -426,28 +426,17 @@ class Trainer:
                             metrics=metrics or {})
 
     # -- evaluation -----------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
-        """Metrics of the current model on a whole split (every rank evaluates all of it).
+        """Metrics of the current model on a whole split, by :func:`cggm.training.evaluation.evaluate`
+        (the path the reports and the removal diagnostic use too).
 
-        A split dataset with its own ``evaluate(model, method, device, batch_size)`` (e.g. BraTS,
-        which scores whole volumes) is evaluated by that protocol instead.
+        Under DDP each rank evaluates its shard of the split and the metric states are synced, so
+        every rank returns the whole split's metrics. A split dataset with its own
+        ``evaluate(model, method, device, batch_size)`` (e.g. BraTS, which scores whole volumes) is
+        evaluated by that protocol instead (whole, on every rank).
         """
-        self.model.eval()
-        dataset = getattr(self.data, split)
-        if hasattr(dataset, "evaluate"):
-            return dataset.evaluate(self.model, self.method, self.device, self.config.eval_batch_size)
-        tracker = MetricTracker(self.task)
-        self.method.eval_begin()
-        for inputs, masks, target in self._batches(split):
-            inputs, masks = self.method.prepare_eval(inputs, masks)
-            out: ModelOutput = self.model(inputs, masks)
-            pred = self.method.eval_prediction(out)
-            tracker.update(pred, target, self.task.loss(pred, target))
-            self.method.eval_step(out, target)
-        metrics = tracker.compute()
-        metrics.update(self.method.eval_end())
-        return metrics
+        return evaluate(self.model, self.method, getattr(self.data, split), self.task, self.device,
+                        self.config.eval_batch_size)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _state(self, epoch: int, batch: int, extra: dict[str, Any]) -> dict[str, Any]:

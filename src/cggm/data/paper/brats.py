@@ -294,8 +294,11 @@ class BratsVolumes(_BratsBase):
         return self._item(self.metas[k]["case"], int(i) - int(self.offsets[k]))
 
     @torch.no_grad()
-    def evaluate(self, model, method, device, batch_size: int) -> dict[str, float]:
-        """Per-case volume Dice of WT, TC, ET averaged over cases, plus the mean slice loss."""
+    def evaluate(self, model, method, device, batch_size: int, transform=None) -> dict[str, float]:
+        """Per-case volume Dice of WT, TC, ET averaged over cases, plus the mean slice loss.
+
+        ``transform`` maps each batch's inputs before the method's ``prepare_eval`` (the removal
+        diagnostic replaces one sequence by its mean; :func:`cggm.training.evaluation.evaluate`)."""
         was_training = model.training
         model.eval()
         task = method.task
@@ -309,6 +312,8 @@ class BratsVolumes(_BratsBase):
                 x = torch.from_numpy(np.asarray(img[start:start + batch_size], dtype=np.float32)).to(device)
                 y = torch.from_numpy(np.asarray(seg[start:start + batch_size], dtype=np.int64)).to(device)
                 inputs = {m: x[:, k:k + 1] for k, m in enumerate(SEQUENCES)}
+                if transform is not None:
+                    inputs = transform(inputs)
                 inputs, masks = method.prepare_eval(inputs, {})
                 out = model(inputs, masks)
                 pred = method.eval_prediction(out)

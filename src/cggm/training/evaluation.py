@@ -1,0 +1,77 @@
+"""The one evaluation path: the engine (:meth:`Trainer.evaluate`), the removal diagnostic and the
+reports (:func:`cggm.report.evaluate_with`) all score a model on a split here.
+
+* A split with its own protocol, ``dataset.evaluate(model, method, device, batch_size)`` (BraTS
+  scores whole volumes), is evaluated by it; a ``transform`` is passed on as ``transform=`` (a split
+  that takes none refuses it, rather than being silently scored without it). Under DDP such a split
+  is evaluated whole by every rank.
+* Any other split goes batch by batch through the method's evaluation path (``prepare_eval``,
+  the forward pass, ``eval_prediction``, ``eval_step`` / ``eval_end``) into the task's metrics
+  (:meth:`cggm.types.Task.metrics`). Under DDP each rank evaluates its shard (samples ``rank,
+  rank + world, ...``, no padding, so each sample counts once) and the metric states are synced
+  across ranks, so every rank returns the metrics of the whole split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .. import distributed
+from ..data.base import BatchIterator
+from ..types import Task
+
+#: replaces a batch's inputs before the method's ``prepare_eval`` (e.g. one modality by its mean)
+Transform = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, method, dataset, task: Task, device: torch.device | str, batch_size: int,
+             transform: Transform | None = None, shard: bool = True) -> dict[str, float]:
+    """Metrics of ``model`` (through the bound ``method``) on ``dataset``, a dict of floats with
+    ``loss`` and the task's metrics (plus what the method's ``eval_end`` reports).
+
+    ``transform`` maps each batch's inputs (on ``device``) before ``prepare_eval``. ``shard``:
+    under DDP, split the samples across ranks and sync the metrics (every rank must call this);
+    ``False`` evaluates the whole split in this process alone. The model's train/eval mode is
+    restored on return."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        if hasattr(dataset, "evaluate"):
+            kwargs = {} if transform is None else {"transform": transform}
+            return dict(dataset.evaluate(model, method, device, batch_size, **kwargs))
+        world = distributed.world_size() if shard else 1
+        rank = distributed.rank() if world > 1 else 0
+        tracker = task.metrics(device=device, sync=world > 1)
+        method.eval_begin()
+        for inputs, masks, target in BatchIterator(dataset, batch_size, shuffle=False, rank=rank, world_size=world,
+                                                   pad=False):
+            inputs = {m: x.to(device, non_blocking=True) for m, x in inputs.items()}
+            masks = {m: v.to(device, non_blocking=True) for m, v in masks.items()}
+            target = target.to(device, non_blocking=True)
+            if transform is not None:
+                inputs = transform(inputs)
+            inputs, masks = method.prepare_eval(inputs, masks)
+            out = model(inputs, masks)
+            pred = method.eval_prediction(out)
+            tracker.update(pred, target, task.loss(pred, target))
+            method.eval_step(out, target)
+        metrics = tracker.compute()
+        metrics.update(method.eval_end())
+        return metrics
+    finally:
+        model.train(was_training)
+
+
+def replace_inputs(fill: dict[str, torch.Tensor]) -> Transform:
+    """A transform that replaces the input of each modality in ``fill`` by the given per-sample
+    tensor, broadcast to every sample of the batch (the removal diagnostic's training mean)."""
+
+    def transform(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: (fill[m].to(x.device, x.dtype).expand_as(x) if m in fill else x) for m, x in inputs.items()}
+
+    return transform
