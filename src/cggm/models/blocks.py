@@ -6,9 +6,31 @@ Shapes: ``B`` batch, ``T`` tokens, ``D`` feature width, ``C`` outputs.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from .fast import FastEncoder, FastEncoderLayer, fast_dropout
+
+Attention = Literal["fast", "reference"]
+ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("fast", "reference")
+
+
+def transformer_stack(d_model: int, heads: int, dim_feedforward: int, dropout: float, layers: int,
+                      attention: str = "fast") -> nn.Module:
+    """``layers`` pre-LN encoder layers (batch first, ReLU), with the parameters of
+    ``nn.TransformerEncoder(nn.TransformerEncoderLayer(...))`` whatever the implementation:
+    ``"fast"`` (:mod:`cggm.models.fast`, the default) or ``"reference"`` (torch's modules). The two
+    compute the same function and their state_dicts load into each other."""
+    if attention == "fast":
+        return FastEncoder(FastEncoderLayer(d_model, heads, dim_feedforward, dropout), layers)
+    if attention == "reference":
+        layer = nn.TransformerEncoderLayer(
+            d_model, heads, dim_feedforward=dim_feedforward, dropout=dropout, batch_first=True, norm_first=True
+        )
+        return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+    raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}.")
 
 
 class MLPEncoder(nn.Module):
@@ -44,6 +66,8 @@ class SequenceEncoder(nn.Module):
 
     A Conv1d input projection (kernel 1, as in MulT), sinusoidal positions, embedding dropout and a
     pre-LN transformer encoder that honours the padding mask (``[B, T]``, True on real tokens).
+    ``attention`` picks the encoder's implementation (:func:`transformer_stack`); a sample whose
+    tokens are all padding gets a zero attention output in every layer, with either.
     """
 
     def __init__(
@@ -55,22 +79,24 @@ class SequenceEncoder(nn.Module):
         dropout: float = 0.1,
         embed_dropout: float = 0.0,
         ff_mult: int = 4,
+        attention: Attention = "fast",
     ):
         super().__init__()
         self.proj = nn.Conv1d(in_dim, d_model, kernel_size=1, bias=False)
         self.scale = math.sqrt(d_model)
         self.embed_dropout = nn.Dropout(embed_dropout)
-        layer = nn.TransformerEncoderLayer(
-            d_model, heads, dim_feedforward=ff_mult * d_model, dropout=dropout, batch_first=True, norm_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.encoder = transformer_stack(d_model, heads, ff_mult * d_model, dropout, layers, attention)
+        self.attention = attention
         self.norm = nn.LayerNorm(d_model)
         self.out_dim = d_model
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         h = self.proj(x.transpose(1, 2)).transpose(1, 2)  # [B, T, D]
         h = h * self.scale + sinusoidal_positions(h.shape[1], h.shape[2], h.device, h.dtype)
-        h = self.embed_dropout(h)
+        if self.attention == "fast":
+            h = fast_dropout(h, self.embed_dropout.p, self.training)
+        else:
+            h = self.embed_dropout(h)
         pad = None if mask is None else ~mask.bool()
         return self.norm(self.encoder(h, src_key_padding_mask=pad))
 
@@ -101,19 +127,19 @@ class TokenFusion(nn.Module):
     prediction token (the paper's design, with a dedicated token instead of token 0).
 
     ``list[B, T_i, D] (or [B, D]) -> [B, D]``. Each modality's tokens get a learned modality
-    embedding; padding masks are honoured.
+    embedding; padding masks are honoured. ``attention`` picks the encoder's implementation
+    (:func:`transformer_stack`).
     """
 
-    def __init__(self, d_model: int, num_modalities: int, heads: int = 5, layers: int = 2, dropout: float = 0.1):
+    def __init__(self, d_model: int, num_modalities: int, heads: int = 5, layers: int = 2, dropout: float = 0.1,
+                 attention: Attention = "fast"):
         super().__init__()
         self.pred_token = nn.Parameter(torch.zeros(1, 1, d_model))
         self.modality_embed = nn.Parameter(torch.zeros(num_modalities, d_model))
         nn.init.normal_(self.pred_token, std=0.02)
         nn.init.normal_(self.modality_embed, std=0.02)
-        layer = nn.TransformerEncoderLayer(
-            d_model, heads, dim_feedforward=4 * d_model, dropout=dropout, batch_first=True, norm_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.encoder = transformer_stack(d_model, heads, 4 * d_model, dropout, layers, attention)
+        self.attention = attention
         self.norm = nn.LayerNorm(d_model)
         self.out_dim = d_model
 
@@ -128,7 +154,14 @@ class TokenFusion(nn.Module):
             keep.append(torch.ones(batch, h.shape[1], dtype=torch.bool, device=device) if m is None else m.bool())
         x = torch.cat([self.pred_token.expand(batch, -1, -1)] + tokens, dim=1)
         keep_all = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=device)] + keep, dim=1)
-        out = self.encoder(x, src_key_padding_mask=~keep_all)
+        if self.attention == "fast":
+            # the prediction token is always real, so no sample is all padding; no mask at all
+            # when no modality has one (the reference's all-False mask masks nothing)
+            pad = None if masks is None or all(m is None for m in masks) else ~keep_all
+            # only the prediction token is read out: the last layer computes its query alone
+            out = self.encoder(x, pad, all_padded_possible=False, outputs=1)
+        else:
+            out = self.encoder(x, src_key_padding_mask=~keep_all)
         return self.norm(out[:, 0])
 
 

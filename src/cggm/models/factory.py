@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from ..types import Task
 from .base import LateFusionModel, MultimodalModel
@@ -45,15 +45,19 @@ def mlp_concat(input_shapes, task: Task, feature_dim: int = 32, hidden: int = 64
 @register_model("transformer")
 def transformer_token(input_shapes, task: Task, d_model: int = 40, heads: int = 5, encoder_layers: int = 2,
                       fusion_layers: int = 2, dropout: float = 0.1, embed_dropout: float = 0.0,
-                      head_dropout: float = 0.0) -> MultimodalModel:
+                      head_dropout: float = 0.0, attention: Literal["fast", "reference"] = "fast") -> MultimodalModel:
     """A transformer encoder per modality over its ``[T, D]`` sequence, and a transformer fusion over
-    the concatenated tokens read out at a prediction token (the paper's design)."""
+    the concatenated tokens read out at a prediction token (the paper's design).
+
+    ``attention``: ``"fast"`` (:mod:`cggm.models.fast`) or ``"reference"`` (torch's
+    ``nn.TransformerEncoderLayer``); same parameters and function, state_dicts load both ways."""
     encoders = {}
     for m, shape in input_shapes.items():
         if len(shape) != 2:
             raise ValueError(f"The transformer model needs [T, D] sequences; modality {m!r} has sample shape {shape}.")
-        encoders[m] = SequenceEncoder(shape[1], d_model, heads, encoder_layers, dropout, embed_dropout)
-    fusion = TokenFusion(d_model, len(encoders), heads, fusion_layers, dropout)
+        encoders[m] = SequenceEncoder(shape[1], d_model, heads, encoder_layers, dropout, embed_dropout,
+                                      attention=attention)
+    fusion = TokenFusion(d_model, len(encoders), heads, fusion_layers, dropout, attention=attention)
     return LateFusionModel(encoders, fusion, Head(d_model, task.num_outputs, d_model, head_dropout))
 
 

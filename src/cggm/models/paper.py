@@ -20,6 +20,8 @@ replaces the paper's four ResNet-101 DeepLab-v3+ encoders with a CPU-friendly ne
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -32,14 +34,16 @@ from .factory import register_model, transformer_token
 @register_model("paper_transformer")
 def paper_transformer(input_shapes, task: Task, d_model: int = 40, heads: int = 5, encoder_layers: int = 4,
                       fusion_layers: int | None = None, dropout: float = 0.15, embed_dropout: float = 0.2,
-                      head_dropout: float = 0.1) -> MultimodalModel:
+                      head_dropout: float = 0.1, attention: Literal["fast", "reference"] = "fast") -> MultimodalModel:
     """Per-modality MulT-style encoders, prediction-token transformer fusion, residual head.
-    ``fusion_layers`` defaults to ``encoder_layers - 2`` (at least 1), as in the official code."""
+    ``fusion_layers`` defaults to ``encoder_layers - 2`` (at least 1), as in the official code.
+    ``attention``: the encoder layers' implementation, ``"fast"`` or torch's ``"reference"``
+    (same parameters and function; see :func:`cggm.models.factory.transformer_token`)."""
     if fusion_layers is None:
         fusion_layers = max(1, encoder_layers - 2)
     return transformer_token(input_shapes, task, d_model=d_model, heads=heads, encoder_layers=encoder_layers,
                              fusion_layers=fusion_layers, dropout=dropout, embed_dropout=embed_dropout,
-                             head_dropout=head_dropout)
+                             head_dropout=head_dropout, attention=attention)
 
 
 def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
