@@ -507,9 +507,16 @@ class CGGM(Method):
         self._eval_sums = row if self._eval_sums is None else self._eval_sums + row
 
     def eval_end(self) -> dict[str, float]:
-        if self._eval_sums is None:
+        sums = self._eval_sums
+        if sums is None:
+            if self.classifiers is None or not distributed.is_distributed():
+                return {}
+            # an empty evaluation shard on this rank: still take part in the all-reduce
+            p = next(self.classifiers.parameters())
+            sums = torch.zeros(len(self.modalities) + 1, device=p.device)
+        sums = distributed.all_reduce_sum(sums).cpu()
+        if float(sums[-1]) == 0:
             return {}
-        sums = distributed.all_reduce_sum(self._eval_sums).cpu()
         means = sums[:-1] / sums[-1]
         return {f"clf/{m}": float(v) for m, v in zip(self.modalities, means)}
 
