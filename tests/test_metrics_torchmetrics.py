@@ -92,3 +92,34 @@ def test_every_metric_declares_its_direction():
         names = set(_feed(tracker, pred, target))
         assert names == set(directions), task.kind
         assert {n for n, up in directions.items() if not up} == lower & names
+
+
+@pytest.mark.parametrize("kind,outputs", [("classification", 4), ("regression", 1), ("segmentation", 3)])
+def test_a_reset_tracker_equals_a_fresh_one(kind, outputs):
+    """The engine reuses one tracker per task and device (building one costs milliseconds)."""
+
+
+    task = Task(kind, outputs)
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        if kind == "classification":
+            return torch.randn(16, 4, generator=g), torch.randint(0, 4, (16,), generator=g)
+        if kind == "regression":
+            return torch.randn(16, 1, generator=g), torch.randn(16, generator=g)
+        return torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 3, (4, 8, 8), generator=g)
+
+    reused = MetricTracker(task)
+    for _ in range(2):
+        reused.update(*batch(), loss=torch.tensor(3.0))
+    reused.compute()
+    reused.reset()
+    fresh = MetricTracker(task)
+    for _ in range(2):
+        p, t = batch()
+        reused.update(p, t, loss=torch.tensor(0.5))
+        fresh.update(p, t, loss=torch.tensor(0.5))
+    a, b = reused.compute(), fresh.compute()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == pytest.approx(b[k], nan_ok=True), k

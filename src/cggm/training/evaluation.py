@@ -46,7 +46,7 @@ def evaluate(model: nn.Module, method, dataset, task: Task, device: torch.device
             return dict(dataset.evaluate(model, method, device, batch_size, **kwargs))
         world = distributed.world_size() if shard else 1
         rank = distributed.rank() if world > 1 else 0
-        tracker = task.metrics(device=device, sync=world > 1)
+        tracker = _tracker(task, device, world > 1)
         method.eval_begin()
         for inputs, masks, target in BatchIterator(dataset, batch_size, shuffle=False, rank=rank, world_size=world,
                                                    pad=False):
@@ -65,6 +65,20 @@ def evaluate(model: nn.Module, method, dataset, task: Task, device: torch.device
         return metrics
     finally:
         model.train(was_training)
+
+
+_TRACKERS: dict = {}
+
+
+def _tracker(task, device: torch.device, sync: bool):
+    """A reset tracker of ``task``'s metrics on ``device``, reused across evaluations."""
+    key = (task, str(device), sync)
+    tracker = _TRACKERS.get(key)
+    if tracker is None:
+        if len(_TRACKERS) > 32:
+            _TRACKERS.clear()
+        tracker = _TRACKERS[key] = task.metrics(device=device, sync=sync)
+    return tracker.reset()
 
 
 def replace_inputs(fill: dict[str, torch.Tensor]) -> Transform:
