@@ -5,7 +5,8 @@ The model is the MOSI preset's (``paper_transformer``: text 300-d, audio 5-d, vi
 twice from the same weights: ``attention="reference"`` (``nn.TransformerEncoderLayer``) and
 ``attention="fast"`` (``cggm.models.fast``). Each trains with its own Adam on the same batch (with a
 MOSI-like padding mask shared by the three modalities), for joint training and for CGGM (the
-preset's options, ``cggm.build_method("cggm")`` bound with ``optimizer=``). The variants run
+preset's options, ``cggm.build_method("cggm")`` bound with ``optimizer=``; its sequence classifiers
+use the same attention implementation as the model, from the same weights). The variants run
 interleaved round-robin in one process so machine noise hits them alike; the printed numbers are
 medians of the step times and their ratio (reference / fast: above 1 means the fast one is faster).
 
@@ -31,6 +32,7 @@ import torch
 from cggm import Task, build_model
 from cggm.config import load_config
 from cggm.methods import Method, build_method
+from cggm.models.classifiers import SequenceClassifier
 
 SHAPES = {"text": (50, 300), "audio": (50, 5), "vision": (50, 20)}
 
@@ -59,6 +61,19 @@ def make_batch(batch: int, min_len: int, device: torch.device, seed: int = 0):
         x[m] = x[m] * mask.unsqueeze(-1)  # zero-padded like the data
     y = torch.empty(batch).uniform_(-3, 3, generator=gen)
     return ({m: v.to(device) for m, v in x.items()}, {m: mask.to(device) for m in x}, y.to(device))
+
+
+def classifiers(attention: str, layers: int, d_model: int, device: torch.device) -> list[torch.nn.Module]:
+    """CGGM's default classifiers for the three [B, 50, d_model] features (regression: 1 output),
+    with the given attention implementation, and the same weights for every implementation."""
+    torch.manual_seed(1)
+    made = [SequenceClassifier(d_model, d_model, 1, layers=layers, attention="reference") for _ in SHAPES]
+    if attention != "reference":
+        fast = [SequenceClassifier(d_model, d_model, 1, layers=layers, attention=attention) for _ in SHAPES]
+        for f, r in zip(fast, made):
+            f.load_state_dict(r.state_dict())
+        made = fast
+    return [c.to(device) for c in made]
 
 
 def main() -> None:
@@ -118,8 +133,14 @@ def main() -> None:
                 model.fusion.compile()
                 compile_note = time.perf_counter() - t0
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-            options = cfg["method"]["options"] if method_name == "cggm" else {}
-            method = (build_method(method_name, **options) if method_name != "joint" else Method())
+            if method_name == "joint":
+                method = Method()
+            else:
+                options = dict(cfg["method"]["options"]) if method_name == "cggm" else {}
+                if method_name == "cggm":  # its sequence classifiers: the same implementation and weights
+                    options["classifiers"] = classifiers(name.split()[0], options.get("classifier_layers", 1),
+                                                         opts["d_model"], device)
+                method = build_method(method_name, **options)
             method.bind(model, task, optimizer=opt)
             ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if name == "fast bf16" else (
                 contextlib.nullcontext)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .blocks import pool
+from .blocks import pool, transformer_stack
 
 
 class VectorClassifier(nn.Module):
@@ -28,16 +28,15 @@ class VectorClassifier(nn.Module):
 
 class SequenceClassifier(nn.Module):
     """``[B, T, D] -> [B, C]``: 1-2 self-attention layers (as in the paper), masked mean pooling,
-    Linear + ReLU, then ``last`` = Linear(hidden, C)."""
+    Linear + ReLU, then ``last`` = Linear(hidden, C). ``attention``: the layers' implementation,
+    ``"fast"`` or torch's ``"reference"`` (same parameters and function,
+    :func:`~cggm.models.blocks.transformer_stack`)."""
 
     def __init__(self, in_dim: int, hidden: int, num_outputs: int, layers: int = 1, heads: int | None = None,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, attention: str = "fast"):
         super().__init__()
         heads = heads or _pick_heads(in_dim)
-        layer = nn.TransformerEncoderLayer(
-            in_dim, heads, dim_feedforward=2 * in_dim, dropout=dropout, batch_first=True, norm_first=True
-        )
-        self.attention = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.attention = transformer_stack(in_dim, heads, 2 * in_dim, dropout, layers, attention)
         self.body = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU())
         self.last = nn.Linear(hidden, num_outputs)
 

@@ -167,18 +167,18 @@ class FastEncoderLayer(nn.TransformerEncoderLayer):
         attn = self.self_attn
         H = attn.num_heads
         hd = D // H
-        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).view(B, T, 3, H, hd)
-        q = qkv[:, :Tq, 0].transpose(1, 2)  # [B, H, Tq, hd]
-        v = qkv[:, :, 2].transpose(1, 2)  # [B, H, T, hd]
+        q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).view(B, T, 3, H, hd).unbind(2)
+        q = q[:, :Tq].transpose(1, 2)  # [B, H, Tq, hd]
+        v = v.transpose(1, 2)  # [B, H, T, hd]
         if value_keep is not None:
             v = v * value_keep.to(v.dtype).view(B, 1, 1, 1)
         if not 0.0 < p < 1.0:  # no dropout: SDPA with the additive mask (a fused kernel where available)
             mask = None if key_bias is None else key_bias.to(h.dtype).view(B, 1, 1, T)
-            out = F.scaled_dot_product_attention(q, qkv[:, :, 1].transpose(1, 2), v, attn_mask=mask,
+            out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v, attn_mask=mask,
                                                  dropout_p=p if p >= 1.0 else 0.0)
             return out.transpose(1, 2).reshape(B * Tq, D), 1.0
         q = q * (1.0 / math.sqrt(hd))
-        k_t = qkv[:, :, 1].permute(0, 2, 3, 1)  # [B, H, hd, T]
+        k_t = k.permute(0, 2, 3, 1)  # [B, H, hd, T]
         if key_bias is not None:
             # the key bias as one more feature: [q, 1] . [k; bias] = q . k + bias, inside the matmul
             q = torch.cat([q, q.new_ones(1, 1, 1, 1).expand(B, H, Tq, 1)], dim=3)
