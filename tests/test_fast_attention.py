@@ -12,6 +12,7 @@ from torch import nn
 
 from cggm import Task, build_model
 from cggm.config import ConfigError, load_config
+from cggm.models import fast as fast_module
 from cggm.models.blocks import SequenceEncoder
 from cggm.models.classifiers import SequenceClassifier
 from cggm.models.fast import FastEncoder, FastEncoderLayer, dropout_keep, fast_dropout
@@ -166,11 +167,21 @@ def test_dropout_keep_rate_quantisation_and_independence():
     assert fast_dropout(torch.ones(3), 1.0).equal(torch.zeros(3))
 
 
+@pytest.fixture(params=["cpu lanes", "torch kernels"])
+def dropout_path(request, monkeypatch):
+    """The CPU dropout (16-bit lanes) and the one used on other devices (torch's F.dropout and
+    SDPA's dropout), both run here on CPU."""
+    if request.param == "torch kernels":
+        monkeypatch.setattr(fast_module, "LANE_DROPOUT_DEVICES", ())
+    return request.param
+
+
 @pytest.mark.parametrize("site", ["attention", "dropout1", "ff", "dropout2"])
-def test_train_mode_dropout_statistics_match_reference(site):
+def test_train_mode_dropout_statistics_match_reference(site, dropout_path):
     """One layer, one input repeated over a large batch: each row is an independent draw of the
-    dropout masks, so the mean and variance of every output over the batch are estimates of the
-    training-mode output distribution; the fast and reference layers must agree within noise."""
+    dropout masks, so the mean and variance of every output (and input gradient) over the batch
+    are estimates of the training-mode distribution; the fast and reference layers must agree
+    within noise."""
     torch.manual_seed(0)
     ref = nn.TransformerEncoderLayer(10, 5, 20, dropout=0.0, batch_first=True, norm_first=True)
     fast = FastEncoderLayer(10, 5, 20, dropout=0.0)
@@ -216,7 +227,7 @@ def test_fused_dropout_nodes_have_the_gradients_of_their_composition():
         assert torch.autograd.gradcheck(lambda t, f=fused: f(t, keep), (s,))
 
 
-def test_embed_dropout_statistics_match_reference():
+def test_embed_dropout_statistics_match_reference(dropout_path):
     torch.manual_seed(0)
     ref = SequenceEncoder(3, 10, 5, 1, dropout=0.0, embed_dropout=0.4, attention="reference")
     fast = SequenceEncoder(3, 10, 5, 1, dropout=0.0, embed_dropout=0.4)

@@ -6,26 +6,35 @@ initialisation are torch's, so state_dicts load both ways and a model built with
 the same weights. :class:`FastEncoder` stacks deep copies of one layer under ``layers`` like
 ``nn.TransformerEncoder`` (whose state_dict keys it shares).
 
-It computes the same function (eval mode equal within float tolerance) and trains with the same
-dropout distribution, faster on CPU (``benchmarks/backbone.py``). Where the reference spends its
-time and what is done instead:
+It computes the same function (eval mode equal within float tolerance, training without dropout
+equal in outputs and gradients) and trains with the same dropout distribution, about 2x faster
+than the reference for the MOSI model's training step on CPU (``benchmarks/backbone.py``). Where
+the reference spends its time and what is done instead:
 
-* Dropout masks. ``nn.Dropout`` draws one Bernoulli per element (``bernoulli_``, slow on CPU) and
-  the attention probabilities ``[B, H, T, T]`` are the largest tensor of the model. Here 64 random
-  bits per call are split into four 16-bit lanes, one per element, and an element is dropped when
-  its lane is below ``round(p * 2**16)``: independent Bernoulli(p) drops with p quantised to
-  1/65536 (``|p_used - p| <= 2**-17``, 7.6e-6). The 1/(1-p) rescaling is folded into the next
-  matmul's ``alpha`` or the residual add's ``value`` instead of a pass over the tensor.
+* Dropout masks (CPU). ``nn.Dropout`` draws one Bernoulli per element (``bernoulli_``, slow on
+  CPU) and the attention probabilities ``[B, H, T, T]`` are the largest tensors of the model. Here
+  64 random bits are split into four 16-bit lanes, one per element, and an element is dropped when
+  its lane is below ``round(p * 2**16)``: independent Bernoulli drops with p quantised to 1/65536
+  (``|p_used - p| <= 2**-17``, 7.6e-6). The 1/(1-p) rescaling goes into the next matmul's
+  ``alpha`` or the residual add's ``value`` (``addcmul``) instead of a pass over the tensor. On
+  other devices torch's fused dropout kernels are used (``F.dropout``, SDPA's in-kernel dropout):
+  :data:`LANE_DROPOUT_DEVICES`.
 * Attention with a padding mask. ``nn.MultiheadAttention`` with a key padding mask (every layer of
-  the paper's models) runs SDPA's math path: bmm, the "safe" softmax's checks of fully masked rows
-  (isneginf, all, where) and a float mask rebuilt per layer. Here the additive mask is built once
-  per stack and added by ``baddbmm`` with the QK^T product; the softmax is a plain one because no
-  row is ever fully masked: a sample whose keys are all padding attends uniformly and its values
-  are zeroed, so its attention output and the gradients through it are zero, exactly what the
-  reference's safe softmax gives for such rows. Without dropout (eval, or p = 0) the attention is
-  ``F.scaled_dot_product_attention`` with the same additive mask (a fused kernel where available).
+  the paper's models) runs SDPA's math path when training with attention dropout: bmm, the "safe"
+  softmax's checks of fully masked rows (isneginf, all, where), a float mask rebuilt per layer.
+  Here the additive key mask is built once per stack (a large finite negative instead of -inf)
+  and enters the QK^T matmul as one more feature (``[q, 1] . [k; bias]``), so no pass adds it;
+  the softmax and the dropout mask are one autograd node. Without dropout (eval, or p = 0), and
+  off CPU, the attention is ``F.scaled_dot_product_attention`` with the same additive mask (a
+  fused kernel). No row is ever fully masked: a sample whose keys are all padding attends
+  uniformly and its values are zeroed, so its attention output and the gradients through it are
+  zero, what the reference's safe softmax gives for such rows (torch's own inference fast path,
+  with an even head count and no grad, gives NaN there instead).
 * ReLU and the feed-forward dropout are one autograd node whose backward is one
   ``threshold_backward``.
+* A stack asked for its first tokens only (``FastEncoder(..., outputs=1)``: the fusion reads out
+  its prediction token) computes the last layer's attention and feed-forward for those queries
+  only; every token is still a key and value, so the outputs are the same.
 
 Dropout uses torch's default generator for the device, so ``torch.manual_seed`` makes a run
 repeatable; the masks differ from ``nn.Dropout``'s (another draw from the same distribution).
@@ -44,6 +53,14 @@ __all__ = ["FastEncoder", "FastEncoderLayer", "dropout_keep", "fast_dropout", "p
 
 _LANES = 65536  # 16-bit lanes
 
+# devices whose dropout uses the 16-bit lanes (cheap on CPU, where torch's Bernoulli sampling is
+# slow); elsewhere torch's fused dropout kernels (F.dropout, SDPA's in-kernel dropout) are used
+LANE_DROPOUT_DEVICES: tuple[str, ...] = ("cpu",)
+
+
+def _lanes(t: Tensor) -> bool:
+    return t.device.type in LANE_DROPOUT_DEVICES
+
 
 def _drop_threshold(p: float) -> int:
     """Elements whose signed 16-bit lane is below this are dropped (probability round(p*2^16)/2^16)."""
@@ -60,10 +77,10 @@ def dropout_keep(shape: tuple[int, ...], p: float, like: Tensor) -> Tensor:
 
 
 def fast_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
-    """``F.dropout(x, p, training)`` with :func:`dropout_keep`'s masks."""
+    """``F.dropout(x, p, training)``, with :func:`dropout_keep`'s masks on CPU."""
     if not training or p == 0.0:
         return x
-    if p >= 1.0 or p < 0.0:
+    if p >= 1.0 or p < 0.0 or not _lanes(x):
         return F.dropout(x, p, training)  # all dropped (or torch's error for p < 0)
     return x * dropout_keep(tuple(x.shape), p, x).mul_(1.0 / (1.0 - p))
 
@@ -150,7 +167,7 @@ class FastEncoderLayer(nn.TransformerEncoderLayer):
         # feed-forward: linear2(dropout(relu(linear1(norm2(x))))), its dropout's 1/(1-p) in addmm's alpha
         h = F.linear(self.norm2(x), self.linear1.weight, self.linear1.bias).flatten(0, 1)
         p_ff = self.dropout.p if train else 0.0
-        if 0.0 < p_ff < 1.0:
+        if 0.0 < p_ff < 1.0 and _lanes(h):
             h, alpha = _ReluKeep.apply(h, dropout_keep(tuple(h.shape), p_ff, h)), 1.0 / (1.0 - p_ff)
         else:
             h, alpha = fast_dropout(torch.relu(h), p_ff, train), 1.0
@@ -172,10 +189,11 @@ class FastEncoderLayer(nn.TransformerEncoderLayer):
         v = v.transpose(1, 2)  # [B, H, T, hd]
         if value_keep is not None:
             v = v * value_keep.to(v.dtype).view(B, 1, 1, 1)
-        if not 0.0 < p < 1.0:  # no dropout: SDPA with the additive mask (a fused kernel where available)
+        if not (0.0 < p < 1.0 and _lanes(h)):
+            # without dropout, or off CPU: SDPA with the additive mask (a fused kernel where
+            # available; on GPUs with its in-kernel dropout)
             mask = None if key_bias is None else key_bias.to(h.dtype).view(B, 1, 1, T)
-            out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v, attn_mask=mask,
-                                                 dropout_p=p if p >= 1.0 else 0.0)
+            out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v, attn_mask=mask, dropout_p=p)
             return out.transpose(1, 2).reshape(B * Tq, D), 1.0
         q = q * (1.0 / math.sqrt(hd))
         k_t = k.permute(0, 2, 3, 1)  # [B, H, hd, T]
@@ -191,7 +209,7 @@ class FastEncoderLayer(nn.TransformerEncoderLayer):
 
 def _residual_dropout(x: Tensor, out: Tensor, p: float) -> Tensor:
     """``x + dropout(out, p)`` in one op (the mask and 1/(1-p) inside ``addcmul``)."""
-    if 0.0 < p < 1.0:
+    if 0.0 < p < 1.0 and _lanes(out):
         return torch.addcmul(x, out, dropout_keep(tuple(out.shape), p, out), value=1.0 / (1.0 - p))
     return x + fast_dropout(out, p)
 
