@@ -145,6 +145,20 @@ def test_fully_padded_sample_gets_zero_attention_like_the_reference():
     torch.testing.assert_close(xf.grad, xr.grad)
 
 
+def test_padding_bias_is_finite_in_every_dtype_and_masks_exactly():
+    from cggm.models.fast import _bias_as, padding_bias
+
+    keep = torch.tensor([[True, False, True], [False, False, False]])
+    bias, value_keep = padding_bias(keep, torch.float32)
+    assert value_keep.tolist() == [1.0, 0.0]  # the sample with no real key: its values are zeroed
+    assert bias[1].eq(0).all() and bias[0, 0] == 0 and bias[0, 2] == 0  # ... and it attends uniformly
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        b = _bias_as(bias, dtype)
+        assert b.dtype == dtype and torch.isfinite(b).all()
+        scores = torch.tensor([[3.0, 50.0, -2.0]], dtype=dtype) + b[:1]
+        assert torch.softmax(scores.float(), -1)[0, 1] == 0  # a padded key gets exactly 0
+
+
 def test_dropout_keep_rate_quantisation_and_independence():
     like = torch.empty(0)
     n = 1 << 21

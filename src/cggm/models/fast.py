@@ -125,6 +125,13 @@ def _mask_value(dtype: torch.dtype) -> float:
     return -min(1e30, torch.finfo(dtype).max / 2)
 
 
+def _bias_as(key_bias: Tensor, dtype: torch.dtype) -> Tensor:
+    """The key bias in ``dtype``, its mask value still finite there (e.g. under fp16 autocast)."""
+    if key_bias.dtype == dtype:
+        return key_bias
+    return key_bias.clamp_min(_mask_value(dtype)).to(dtype)
+
+
 def padding_bias(keep: Tensor | None, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
     """From a ``[B, T]`` mask (True on real tokens): the additive key bias ``[B, T]`` (0 on real
     keys, :func:`_mask_value` on padded ones; 0 everywhere for a sample with no real key) and the
@@ -192,7 +199,7 @@ class FastEncoderLayer(nn.TransformerEncoderLayer):
         if not (0.0 < p < 1.0 and _lanes(h)):
             # without dropout, or off CPU: SDPA with the additive mask (a fused kernel where
             # available; on GPUs with its in-kernel dropout)
-            mask = None if key_bias is None else key_bias.to(h.dtype).view(B, 1, 1, T)
+            mask = None if key_bias is None else _bias_as(key_bias, h.dtype).view(B, 1, 1, T)
             out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v, attn_mask=mask, dropout_p=p)
             return out.transpose(1, 2).reshape(B * Tq, D), 1.0
         q = q * (1.0 / math.sqrt(hd))
@@ -200,7 +207,7 @@ class FastEncoderLayer(nn.TransformerEncoderLayer):
         if key_bias is not None:
             # the key bias as one more feature: [q, 1] . [k; bias] = q . k + bias, inside the matmul
             q = torch.cat([q, q.new_ones(1, 1, 1, 1).expand(B, H, Tq, 1)], dim=3)
-            k_t = torch.cat([k_t, key_bias.to(k_t.dtype).view(B, 1, 1, T).expand(B, H, 1, T)], dim=2)
+            k_t = torch.cat([k_t, _bias_as(key_bias, k_t.dtype).view(B, 1, 1, T).expand(B, H, 1, T)], dim=2)
         scores = torch.bmm(q.reshape(B * H, Tq, -1), k_t.reshape(B * H, -1, T))  # [B*H, Tq, T]
         probs = _SoftmaxKeep.apply(scores, dropout_keep(tuple(scores.shape), p, scores))
         out = torch.bmm(probs, v.reshape(B * H, T, hd))
