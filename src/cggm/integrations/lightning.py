@@ -50,6 +50,7 @@ from .._optional import require
 from ..data.base import BatchIterator, collate
 from ..methods.base import EpochContext, Method
 from ..metrics.tracker import MetricTracker
+from ..training.trainer import _to_device  # a method's saved state onto the device, optimizer states left as they are
 from ..types import ModelOutput, Task
 
 require("lightning", "lightning", "cggm.integrations.lightning")
@@ -361,20 +362,6 @@ def _move(obj: Any, device: torch.device) -> Any:
         return {k: _move(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(_move(v, device) for v in obj)
-    return obj
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    """Tensors of a method's saved state moved to ``device``; optimizer state dicts are left as they
-    are (``Optimizer.load_state_dict`` places them, keeping Adam's step counters on the host)."""
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict) and {"state", "param_groups"} <= set(obj):
-        return obj
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
     return obj
 
 

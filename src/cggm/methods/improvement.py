@@ -120,10 +120,7 @@ class RobustRule(ImprovementRule):
 
     def propose(self, eps: Tensor) -> tuple[Tensor, dict[str, Any]]:
         eps = eps.detach().float()
-        ema = torch.zeros_like(eps) if self.ema is None else self.ema.to(eps.device)
-        steps = self.steps + 1
-        ema = self.beta * ema + (1 - self.beta) * eps
-        smoothed = ema / (1 - self.beta ** steps)
+        ema, smoothed, steps = _smoothed(self.ema, self.steps, self.beta, eps)
         if self.history is None:
             history = smoothed.unsqueeze(0).repeat(self.window, 1)
         else:
@@ -175,10 +172,7 @@ class UnderuseRule(ImprovementRule):
 
     def propose(self, eps: Tensor) -> tuple[Tensor, dict[str, Any]]:
         eps = eps.detach().float()
-        ema = torch.zeros_like(eps) if self.ema is None else self.ema.to(eps.device)
-        steps = self.steps + 1
-        ema = self.beta * ema + (1 - self.beta) * eps
-        level = ema / (1 - self.beta ** steps)
+        ema, level, steps = _smoothed(self.ema, self.steps, self.beta, eps)
         m = eps.numel()
         B = self.rho * (m - 1) * torch.softmax(-(level - level.mean()) / self.temperature, dim=0)
         return B, {"ema": ema, "steps": steps}
@@ -188,6 +182,14 @@ class UnderuseRule(ImprovementRule):
 
     def load_state_dict(self, state):
         self.ema, self.steps = state.get("ema"), int(state.get("steps", 0))
+
+
+def _smoothed(ema: Tensor | None, steps: int, beta: float, eps: Tensor) -> tuple[Tensor, Tensor, int]:
+    """One step of a bias-corrected EMA of ``eps``: the new (biased) EMA, the corrected value and
+    the new step count (the old state is left as it is)."""
+    ema = torch.zeros_like(eps) if ema is None else ema.to(eps.device)
+    ema = beta * ema + (1 - beta) * eps
+    return ema, ema / (1 - beta ** (steps + 1)), steps + 1
 
 
 RULES = {"paper": PaperRule, "robust": RobustRule, "underuse": UnderuseRule}
