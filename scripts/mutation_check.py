@@ -52,7 +52,7 @@ MUTANTS = {
    "                if other != m:", "                if False:"),
  "skip() does not discard": ("cggm/methods/base.py",
    "        if self._n_losses:\n            self.discard()", "        pass"),
- "update scaling uses B of the last micro-batch without rho": ("cggm/methods/improvement.py",
+ "rho missing from B (robust rule)": ("cggm/methods/improvement.py",
    "        B = self.rho * (total - delta + self.tau * (m - 1) / m) / (total + self.tau)",
    "        B = (total - delta + self.tau * (m - 1) / m) / (total + self.tau)"),
 }
