@@ -365,15 +365,18 @@ class CGGM(Method):
                 )
 
     def _make_optimizer(self) -> None:
-        params = self.classifiers.parameters()
+        self._clf_params = list(self.classifiers.parameters())
+        index = {id(p): k for k, p in enumerate(self._clf_params)}
+        self._last_index = [index[id(clf.last.weight)] for clf in self.classifiers]
+        params = self._clf_params
         wd = self.classifier_weight_decay
         if self.classifier_optimizer_name == "sgd":
             self.classifier_opt = torch.optim.SGD(params, lr=self.classifier_lr, momentum=self.classifier_momentum,
-                                                  weight_decay=wd)
+                                                  weight_decay=wd, foreach=True)
         elif self.classifier_optimizer_name == "adamw":
-            self.classifier_opt = torch.optim.AdamW(params, lr=self.classifier_lr, weight_decay=wd)
-        else:
-            self.classifier_opt = torch.optim.Adam(params, lr=self.classifier_lr, weight_decay=wd)
+            self.classifier_opt = torch.optim.AdamW(params, lr=self.classifier_lr, weight_decay=wd, foreach=True)
+        else:  # (foreach: one kernel per op over all classifiers, also on CPU where it is not the default)
+            self.classifier_opt = torch.optim.Adam(params, lr=self.classifier_lr, weight_decay=wd, foreach=True)
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self._load_modules(state)
@@ -392,7 +395,7 @@ class CGGM(Method):
         """Each classifier on its detached features, in fp32 outside autocast: epsilon ``[M]`` and
         the gradients of the classifiers' losses (averaged over DDP ranks). Nothing is stepped."""
         size = tuple(target.shape[-2:]) if self.task.kind == "segmentation" else None
-        params = list(self.classifiers.parameters())
+        params = self._clf_params
         self.classifiers.train()
         device_type = out.features[0].device.type
         with torch.autocast(device_type=device_type, enabled=False):
@@ -436,10 +439,9 @@ class CGGM(Method):
         return task_loss + self.lam * l_gm
 
     def _last_layer_grads(self, grads: list[Tensor | None]) -> list[Tensor]:
-        index = {id(p): k for k, p in enumerate(self.classifiers.parameters())}
         out = []
-        for clf in self.classifiers:
-            g = grads[index[id(clf.last.weight)]]
+        for clf, k in zip(self.classifiers, self._last_index):
+            g = grads[k]
             out.append(torch.zeros_like(clf.last.weight) if g is None else g)
         return out
 
@@ -471,7 +473,7 @@ class CGGM(Method):
         accepts the step's mean metric, and the direction term keeps this step's weights."""
         _, next_state = self._proposal()
         n = len(self._staged)
-        for k, p in enumerate(self.classifiers.parameters()):
+        for k, p in enumerate(self._clf_params):
             gs = [grads[k] for _, grads in self._staged if grads[k] is not None]
             p.grad = None if not gs else (gs[0] if n == 1 else torch.stack(gs).sum(0) / n)
         self.classifier_opt.step()
