@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from ..._optional import require
 from ...types import Task
 from ..base import DataError, DataSplits, stratified_split
-from ..paper._common import check_finite, load_pickle
+from ..paper._common import check_class_labels, check_finite, load_pickle, sorted_rows
 
 MODALITIES = ("audio", "visual")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -444,21 +444,13 @@ class AVClips:
         return len(self.index)
 
     def check_task(self, task: Task) -> None:
-        y = self.labels[self.index]
-        if len(y) == 0:
-            raise DataError(f"{self.source}: the split is empty (0 clips).")
-        if y.min() < 0 or y.max() >= task.num_outputs:
-            raise DataError(f"{self.source}: labels range over [{y.min()}, {y.max()}] but the task has "
-                            f"{task.num_outputs} classes.")
+        check_class_labels(self.labels[self.index], task.num_outputs, self.source, "clips")
 
     def get_batch(self, idx) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
         rows = self.index[np.asarray(idx, dtype=np.int64).reshape(-1)]
-        order = np.argsort(rows, kind="stable")  # sorted reads are faster on a memory map
-        inv = np.empty_like(order)
-        inv[order] = np.arange(len(order))
-        sorted_rows = rows[order]
-        audio = torch.from_numpy(np.asarray(self.audio[sorted_rows], dtype=np.float32)[inv])
-        visual = torch.from_numpy(np.asarray(self.visual[sorted_rows])[inv]).float().div_(255.0)
+        ordered, inv = sorted_rows(rows)
+        audio = torch.from_numpy(np.asarray(self.audio[ordered], dtype=np.float32)[inv])
+        visual = torch.from_numpy(np.asarray(self.visual[ordered])[inv]).float().div_(255.0)
         if self.augment:
             visual = random_resized_crop_flip(visual)
         visual = (visual - self.mean) / self.std

@@ -75,3 +75,20 @@ def as_float_array(x, where: str, ndim: int | None = None) -> np.ndarray:
     if ndim is not None and arr.ndim != ndim:
         raise DataError(f"{where}: expected a {ndim}-d array, got shape {arr.shape}.")
     return arr.astype(np.float32, copy=False)
+
+
+def check_class_labels(y: np.ndarray, num_classes: int, source: str, unit: str = "samples") -> None:
+    """A split's class labels are in ``[0, num_classes)`` and the split is not empty."""
+    if len(y) == 0:
+        raise DataError(f"{source}: the split is empty (0 {unit}).")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise DataError(f"{source}: labels range over [{y.min()}, {y.max()}] but the task has {num_classes} classes.")
+
+
+def sorted_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` in increasing order (reads from a memory map are faster in order) and the
+    permutation that puts what was read back in the requested order: ``x[sorted][inverse]``."""
+    order = np.argsort(rows, kind="stable")
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return rows[order], inverse

@@ -58,7 +58,7 @@ from ..._optional import require
 from ...types import Task
 from ..base import DataError, DataSplits, stratified_split
 from ..registry import register_dataset
-from ._common import check_finite, existing_dir
+from ._common import check_class_labels, check_finite, existing_dir, sorted_rows
 
 FORMAT = "cggm-food101-features"
 MODALITIES = ("image", "text")
@@ -87,21 +87,13 @@ class FeatureDataset:
         return len(self.index)
 
     def check_task(self, task: Task) -> None:
-        y = self.labels[self.index]
-        if len(y) == 0:
-            raise DataError(f"{self.source}: the split is empty (0 samples).")
-        if y.min() < 0 or y.max() >= task.num_outputs:
-            raise DataError(f"{self.source}: labels range over [{y.min()}, {y.max()}] but the task has "
-                            f"{task.num_outputs} classes.")
+        check_class_labels(self.labels[self.index], task.num_outputs, self.source, "samples")
 
     def get_batch(self, idx) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
         rows = self.index[np.asarray(idx, dtype=np.int64).reshape(-1)]
-        order = np.argsort(rows, kind="stable")  # sorted reads are faster on a memory map
-        sorted_rows = rows[order]
-        inv = np.empty_like(order)
-        inv[order] = np.arange(len(order))
-        inputs = {m: torch.from_numpy(np.asarray(x[sorted_rows], dtype=np.float32)[inv]) for m, x in self.arrays.items()}
-        masks = {m: torch.from_numpy(np.asarray(x[sorted_rows], dtype=bool)[inv]) for m, x in self.masks.items()}
+        ordered, inv = sorted_rows(rows)
+        inputs = {m: torch.from_numpy(np.asarray(x[ordered], dtype=np.float32)[inv]) for m, x in self.arrays.items()}
+        masks = {m: torch.from_numpy(np.asarray(x[ordered], dtype=bool)[inv]) for m, x in self.masks.items()}
         return inputs, masks, torch.from_numpy(np.asarray(self.labels[rows], dtype=np.int64))
 
     def __getitem__(self, i: int):
