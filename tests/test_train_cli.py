@@ -309,3 +309,25 @@ def test_tensorboard_writes_epoch_scalars_and_step_records(tmp_path):
     assert {"val/accuracy", "train/train_loss", "B/strong"} <= tags
     assert [e.step for e in events.Scalars("val/accuracy")] == [1, 2]
     assert len(events.Scalars("B/strong")) == 2 * 4
+
+
+def test_checking_select_metric_does_not_change_the_run():
+    """The selection metric is checked before training on a throw-away copy of the method: a
+    method that builds modules at evaluation (ume's heads) must train exactly as without the check."""
+    import torch
+
+    from cggm.data import load_dataset
+    from cggm.methods import build_method
+    from cggm.models import build_model
+    from cggm.training import TrainConfig, Trainer
+
+    data = load_dataset("synthetic", dim=8, n_train=64, n_val=16, n_test=16)
+    weights = []
+    for select in (None, "accuracy"):
+        torch.manual_seed(3)
+        model = build_model("mlp", data.input_shapes, data.task, feature_dim=8, hidden=16, head_hidden=16)
+        Trainer(model, build_method("ume"), data, TrainConfig(epochs=1, batch_size=16, progress=False,
+                                                               select_metric=select)).fit()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*weights):
+        assert torch.equal(a, b)

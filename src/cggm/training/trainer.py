@@ -352,7 +352,7 @@ class Trainer:
         there, select_metric is checked after the first epoch). A method that reports its own metrics
         (CGGM: ``clf/<modality>``) is asked on a throw-away copy, after one loss on that batch so that
         modules it builds on the first batch exist; the model, the method and the random streams are
-        left as they were."""
+        left as they were (the method is always probed through a throw-away copy)."""
         evaluates_itself = hasattr(self.data.val, "evaluate")
         own = type(self.method).eval_end is not Method.eval_end
         if evaluates_itself and getattr(self.data.val, "metric_names", None) is None:
@@ -367,7 +367,9 @@ class Trainer:
         try:
             with self._side_effect_free():
                 inputs, masks, target = batch
-                probe = self._method_copy() if own else self.method
+                # always a throw-away copy: a method may build modules lazily at evaluation (heads),
+                # which on the real method would happen here, before seeding, and change the run
+                probe = self._method_copy()
                 if own:
                     out = self.model(*probe.prepare(inputs, masks))
                     probe.loss(out, target, self.task.loss(out.prediction, target))
