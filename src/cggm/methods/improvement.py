@@ -25,6 +25,12 @@ synchronisation.
   division by zero: when nothing improves (sum delta << tau) B tends to the uniform
   rho (M-1)/M, and when improvements dominate tau it is Eq. 7. Bounds that always hold:
   0 <= B_i <= rho and sum_i B_i = rho (M - 1), the same total as Eq. 7.
+
+* :class:`UnderuseRule` (ours) steers by each classifier's smoothed *level* rather than its
+  improvement: ``B_i = rho (M-1) softmax_i(-(m_i - mean_k m_k) / T)`` (see the class).
+
+Every rule proposes B without changing its state (:meth:`ImprovementRule.propose`) and moves only
+when CGGM accepts the proposal, i.e. when the optimizer step is taken.
 """
 
 from __future__ import annotations
