@@ -17,12 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 MUT = Path(tempfile.mkdtemp(prefix="cggm-mutants-"))
 shutil.copytree(ROOT / "tests", MUT / "tests")
-TESTS = ["tests/test_equations.py", "tests/test_trust.py", "tests/methods", "tests/test_engine.py", "-k", "not 100k"]
+TESTS = ["tests/test_equations.py", "tests/test_trust.py", "tests/test_one_backward.py", "tests/methods",
+         "tests/test_engine.py", "-k", "not 100k"]
 MUTANTS = {
  "weights for gradients (A1) in the direction term": ("cggm/methods/cggm.py",
-   "cos = torch.stack([F.cosine_similarity(g_F.flatten(), g.flatten().to(g_F.dtype), dim=0)\n                           for g in clf_last_grads])",
-   "cos = torch.stack([F.cosine_similarity(W_F.flatten(), c.last.weight.flatten().to(W_F.dtype), dim=0)\n"
-   "                           for c in cggm.classifiers])"),
+   "        cos = F.cosine_similarity(g_F.reshape(1, -1), G, dim=1)",
+   "        cos = F.cosine_similarity(W_F.reshape(1, -1), torch.stack([w.reshape(-1) for w in last]), dim=1)"),
  "B applied after clipping (gradient mode scales p.grad in step)": ("cggm/methods/cggm.py",
    "        if where == \"gradient\":\n            self.scale_feature_gradients(out, B)",
    "        if where == \"gradient\":\n            self._late_B = B"),
@@ -36,9 +36,20 @@ MUTANTS = {
    "        return gradient_modulation_loss(B.to(cos.dtype), cos), cos",
    "        return gradient_modulation_loss((B / cggm.rho).to(cos.dtype), cos), cos"),
  "classifiers stepped inside loss()": ("cggm/methods/cggm.py",
-   "        self._staged.append((eps, grads))",
-   "        self._staged.append((eps, grads))\n        for p, g in zip(self.classifiers.parameters(), grads):\n"
-   "            p.grad = g\n        self.classifier_opt.step()"),
+   "        self._staged.append(eps)",
+   "        self._staged.append(eps)\n        for p, g in zip(self._clf_params, torch.autograd.grad(clf_loss, self._clf_params, "
+   "retain_graph=True)):\n            p.grad = g\n        self.classifier_opt.step()\n        self.classifier_opt.zero_grad()"),
+ "classifier gradient not averaged over micro-batches": ("cggm/methods/cggm.py",
+   "                torch._foreach_div_(grads, float(n))", "                pass"),
+ "classifier loss folded into the (GradScaler-scaled) loss": ("cggm/methods/cggm.py",
+   "        self._clf_loss = clf_loss if self._clf_loss is None else self._clf_loss + clf_loss",
+   "        task_loss = task_loss + (clf_loss - clf_loss.detach())  # (same value, one root)"),
+ "method.backward() inside an enclosing autocast": ("cggm/methods/base.py",
+   "        with no_autocast(loss.device.type):\n            self.compute_gradients(loss)",
+   "        if True:\n            self.compute_gradients(loss)"),
+ "discard() keeps the classifiers' gradients": ("cggm/methods/cggm.py",
+   "        if self.classifier_opt is not None:\n            for p in self._clf_params:\n                p.grad = None\n",
+   ""),
  "feature-hook check disabled": ("cggm/methods/base.py",
    "        dead = [m for m, fired in self._feature_hooks if not fired[0]]",
    "        dead = []"),

@@ -13,9 +13,10 @@ A training step, in the engine and in a user's own loop, has four phases::
 What each phase may do, so that a skipped or accumulated step is never wrong:
 
 * :meth:`loss` computes; it never steps an optimizer and never advances a method's statistics.
-  What it measures (classifier gradients, metrics, coefficients) is *staged*.
-* :meth:`backward` back-propagates and applies the method's gradient edits (modulation, noise),
-  before any clipping or finite check of the caller.
+  What it measures (classifier metrics, coefficients, an auxiliary loss) is *staged*.
+* :meth:`backward` back-propagates (outside autocast; CGGM's classifiers learn from the same pass)
+  and applies the method's gradient edits (modulation, noise), before any clipping or finite check
+  of the caller.
 * :meth:`step` takes the optimizer step (through a ``GradScaler`` if given, or any step function)
   and then *commits* what was staged: the method's own modules (auxiliary classifiers, heads) are
   stepped and its statistics advance, once per optimizer step. Under gradient accumulation,
@@ -38,6 +39,7 @@ method's name.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -91,6 +93,10 @@ class Method:
 
     name: ClassVar[str] = "joint"
     support: ClassVar[Support] = Support()
+    # True for a method whose compute_gradients only *adds* to the gradients, as loss.backward()
+    # does (CGGM: its classifiers' gradients come from the same backward pass), so gradient
+    # accumulation over micro-batches is sound; methods that edit or replace gradients refuse it
+    accumulates_gradients: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.model: nn.Module | None = None
@@ -256,11 +262,15 @@ class Method:
         self._require_bound("backward")
         if not self._n_losses:
             raise ProtocolError(f"{self.name}.backward() was called without {self.name}.loss() for this step.")
-        if self._edits_gradients() and self._n_losses > 1:
+        if self._edits_gradients() and not self._accumulates() and self._n_losses > 1:
             raise ProtocolError(
                 f"{self.name} edits the gradients after each backward pass, which under gradient accumulation "
                 f"would edit the earlier micro-batches' gradients again; take one optimizer step per batch.")
-        self.compute_gradients(loss)
+        # (outside autocast, as torch recommends: on CPU the backward runs on this thread, where an
+        # enclosing autocast, e.g. Lightning's around the training step, would cast the backward
+        # ops of fp32 modules, such as CGGM's classifiers, to half precision)
+        with no_autocast(loss.device.type):
+            self.compute_gradients(loss)
         self.edit_gradients()
         self._n_backwards += 1
 
@@ -398,6 +408,10 @@ class Method:
         cls = type(self)
         return cls.edit_gradients is not Method.edit_gradients or cls.compute_gradients is not Method.compute_gradients
 
+    def _accumulates(self) -> bool:
+        cls = type(self)
+        return cls.accumulates_gradients and cls.edit_gradients is Method.edit_gradients
+
     def _parameter_version(self) -> int:
         # in-place updates (every optimizer's step) bump a tensor's version counter; reading it
         # is a host-side integer, no device synchronisation
@@ -430,6 +444,13 @@ class _FeatureScale:
             return None
         self.fired[0] = True
         return grad * self.factor.to(grad.dtype)
+
+
+def no_autocast(device_type: str):
+    """A context without autocast on ``device_type`` (a no-op context when autocast is off there)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _by_modality(params, modalities: Sequence[str]) -> dict[str, list[nn.Parameter]]:

@@ -9,7 +9,9 @@ what their names say are refused in one place (:meth:`CGGM._check_composition`):
 
 * **classifiers** (Eq. 5): each auxiliary classifier f_i sees ``h_i.detach()`` (fp32, outside
   autocast), so its loss never reaches the encoders; they are trained by their own optimizer and
-  unused at inference.
+  unused at inference. Their loss is a second root of the model's backward pass
+  (:meth:`CGGM.compute_gradients`): one pass instead of two, with gradients identical to a pass of
+  their own (unscaled by a GradScaler, which scales only the model's loss).
 * **metric** epsilon (higher is better): ``"task"`` (the task's batch metric: accuracy, -MAE, mean
   Dice), ``"sign_accuracy"`` (regression: sign agreement, zero labels counted negative) or
   ``"official"`` (what the official code feeds Eq. 7: sign accuracy on regression, the task's
@@ -39,7 +41,8 @@ what their names say are refused in one place (:meth:`CGGM._check_composition`):
   gradient lands only on W_F, evaluated at step t's values, with B without rho. ``"off"``: none.
 
 When each part moves (see :mod:`cggm.methods.base`): :meth:`loss` measures the classifiers'
-metrics and gradients and proposes B without changing any state; the classifiers' optimizer
+metrics (and, for the gradient direction term, their last layers' gradients) and proposes B
+without changing any state; :meth:`backward` fills the classifiers' gradients; the classifiers' optimizer
 step, the rule's history and the official term's stale weights advance in :meth:`commit`, once per
 optimizer step taken (under gradient accumulation, with the micro-batches' mean metric and mean
 classifier gradient); a skipped step changes nothing.
@@ -62,7 +65,7 @@ from .. import distributed
 from ..models.base import head_layer_hidden
 from ..models.classifiers import build_classifier
 from ..types import ModelOutput
-from .base import Method, ProtocolError, Support, UnsupportedSettingError
+from .base import Method, ProtocolError, Support, UnsupportedSettingError, no_autocast
 from .improvement import ImprovementRule, build_rule
 from .registry import register_method
 
@@ -78,11 +81,13 @@ PLAIN_OPTIMIZERS = (torch.optim.SGD, torch.optim.ASGD)
 # -- direction terms -------------------------------------------------------------------------------
 class DirectionTerm:
     """A direction term of CGGM (Eq. 12-13): ``loss(...)`` gives L_gm for this step (or None);
-    ``stage``/``commit``/``discard`` keep state that must move only when a step is taken."""
+    ``stage``/``commit``/``discard`` keep state that must move only when a step is taken.
+    ``clf_loss`` is the sum of the classifiers' losses of this step (its graph starts at the
+    detached features, so it reaches only the classifiers)."""
 
     name = "off"
 
-    def loss(self, cggm: CGGM, task_loss: Tensor, B: Tensor, clf_last_grads: list[Tensor]) -> tuple[Tensor, Tensor] | None:
+    def loss(self, cggm: CGGM, task_loss: Tensor, B: Tensor, clf_loss: Tensor) -> tuple[Tensor, Tensor] | None:
         raise NotImplementedError
 
     def commit(self) -> None:
@@ -103,13 +108,27 @@ class GradientCosine(DirectionTerm):
 
     name = "gradient"
 
-    def loss(self, cggm, task_loss, B, clf_last_grads):
+    def loss(self, cggm, task_loss, B, clf_loss):
         W_F = cggm.head_layer.weight
-        g_F = torch.autograd.grad(task_loss, W_F, create_graph=True, retain_graph=True)[0]
-        # under DDP: the global batch's g_F on every rank (differentiable; identity in one process)
+        last = [clf.last.weight for clf in cggm.classifiers]
+        # g_F (with its graph, so L_gm reaches the head, the fusion and the encoders) and each
+        # classifier's g_i (a constant) in one pass: the classifiers' loss does not depend on W_F
+        # and the task loss not on the classifiers, so the gradients of their sum are each one's
+        grads = torch.autograd.grad([task_loss, clf_loss], [W_F, *last], create_graph=True, retain_graph=True,
+                                    allow_unused=True)
+        g_F = grads[0]
+        if g_F is None:
+            raise UnsupportedSettingError(
+                "CGGM's direction term needs the gradient of the task loss with respect to the fused head's last "
+                "layer, but the loss does not depend on it: pass head_layer=... (the layer that produces the "
+                "prediction), or direction='off'.")
+        g_i = [torch.zeros_like(w) if g is None else g.detach() for w, g in zip(last, grads[1:])]
+        # under DDP: the global batch's g_F (differentiable) and g_i on every rank (identity in one process)
         g_F = distributed.mean_over_ranks(g_F)
-        cos = torch.stack([F.cosine_similarity(g_F.flatten(), g.flatten().to(g_F.dtype), dim=0)
-                           for g in clf_last_grads])
+        if distributed.is_distributed():
+            g_i = _mean_over_ranks(g_i)
+        G = torch.stack([g.reshape(-1) for g in g_i]).to(g_F.dtype)
+        cos = F.cosine_similarity(g_F.reshape(1, -1), G, dim=1)
         return gradient_modulation_loss(B.to(cos.dtype), cos), cos
 
 
@@ -123,7 +142,7 @@ class WeightCosine(DirectionTerm):
         self.stale: tuple[Tensor, list[Tensor], Tensor] | None = None  # W_F, W_fi, B / rho of the last step
         self._staged: tuple[Tensor, list[Tensor], Tensor] | None = None
 
-    def loss(self, cggm, task_loss, B, clf_last_grads):
+    def loss(self, cggm, task_loss, B, clf_loss):
         W_F = cggm.head_layer.weight
         result = None
         if self.stale is not None:
@@ -181,6 +200,7 @@ class CGGM(Method):
     """
 
     name = "cggm"
+    accumulates_gradients = True  # the classifiers' gradients add up over micro-batches like the model's
     support = Support(needs="per-modality features and a fused head whose last layer is Linear or ConvNd")
 
     def __init__(
@@ -237,7 +257,8 @@ class CGGM(Method):
         self._head_layer = head_layer
         self._given_params = modality_parameters
         self._pending_state: Mapping[str, Any] | None = None
-        self._staged: list[tuple[Tensor, list[Tensor | None]]] = []  # (eps, classifier grads) per micro-batch
+        self._staged: list[Tensor] = []  # the classifiers' metric epsilon [M] of each micro-batch
+        self._clf_loss: Tensor | None = None  # the classifiers' loss, back-propagated with the model's
         self._step_proposal: tuple[Tensor, dict[str, Any]] | None = None
         self._eval_sums: Tensor | None = None
         self._check_composition()
@@ -366,17 +387,20 @@ class CGGM(Method):
 
     def _make_optimizer(self) -> None:
         self._clf_params = list(self.classifiers.parameters())
-        index = {id(p): k for k, p in enumerate(self._clf_params)}
-        self._last_index = [index[id(clf.last.weight)] for clf in self.classifiers]
         params = self._clf_params
         wd = self.classifier_weight_decay
         if self.classifier_optimizer_name == "sgd":
-            self.classifier_opt = torch.optim.SGD(params, lr=self.classifier_lr, momentum=self.classifier_momentum,
-                                                  weight_decay=wd, foreach=True)
-        elif self.classifier_optimizer_name == "adamw":
-            self.classifier_opt = torch.optim.AdamW(params, lr=self.classifier_lr, weight_decay=wd, foreach=True)
-        else:  # (foreach: one kernel per op over all classifiers, also on CPU where it is not the default)
-            self.classifier_opt = torch.optim.Adam(params, lr=self.classifier_lr, weight_decay=wd, foreach=True)
+            cls, kwargs = torch.optim.SGD, {"lr": self.classifier_lr, "momentum": self.classifier_momentum,
+                                            "weight_decay": wd}
+        else:
+            cls = torch.optim.AdamW if self.classifier_optimizer_name == "adamw" else torch.optim.Adam
+            kwargs = {"lr": self.classifier_lr, "weight_decay": wd}
+        # one fused kernel over all classifiers where the device supports it (CUDA, CPU), else
+        # foreach (one kernel per op; also on CPU, where it is not torch's default)
+        try:
+            self.classifier_opt = cls(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError):
+            self.classifier_opt = cls(params, foreach=True, **kwargs)
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self._load_modules(state)
@@ -391,33 +415,41 @@ class CGGM(Method):
                 return ((pred.reshape(target.shape) > 0) == (target > 0)).float().mean()
         return self.task.batch_metric(pred, target)
 
-    def _classify(self, out: ModelOutput, target: Tensor) -> tuple[Tensor, list[Tensor | None]]:
-        """Each classifier on its detached features, in fp32 outside autocast: epsilon ``[M]`` and
-        the gradients of the classifiers' losses (averaged over DDP ranks). Nothing is stepped."""
+    def _metrics(self, preds: list[Tensor], target: Tensor) -> Tensor:
+        """epsilon ``[M]`` of the classifiers' predictions (accuracy in one call when they agree in shape)."""
+        if (self.task.kind == "classification" and self.metric != "sign_accuracy"
+                and len({p.shape for p in preds}) == 1):
+            with torch.no_grad():
+                return (torch.stack(preds).argmax(dim=2) == target).float().flatten(1).mean(dim=1)
+        return torch.stack([self._metric(pred, target) for pred in preds])
+
+    def _classify(self, out: ModelOutput, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Each classifier on its detached features, in fp32 outside autocast: epsilon ``[M]``
+        (averaged over DDP ranks) and the sum of the classifiers' losses. Nothing is stepped."""
         size = tuple(target.shape[-2:]) if self.task.kind == "segmentation" else None
-        params = self._clf_params
-        self.classifiers.train()
+        if not self.classifiers.training:
+            self.classifiers.train()
         device_type = out.features[0].device.type
-        with torch.autocast(device_type=device_type, enabled=False):
-            total, eps = 0.0, []
+        with no_autocast(device_type):
+            losses, preds = [], []
             for i, (clf, h) in enumerate(zip(self.classifiers, out.features)):
-                dtype = clf.last.weight.dtype
-                pred = clf(h.detach().to(dtype), mask=out.mask(i), size=size)
-                total = total + self.task.loss(pred, target)
-                eps.append(self._metric(pred, target))
-        grads = list(torch.autograd.grad(total, params, allow_unused=True))
-        if distributed.is_distributed():
-            grads = _mean_over_ranks(grads)
-        return distributed.weighted_mean(torch.stack(eps), target.shape[0]), grads
+                pred = clf(h.detach().to(clf.last.weight.dtype), mask=out.mask(i), size=size)
+                losses.append(self.task.loss(pred, target))
+                preds.append(pred)
+        total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+        return distributed.weighted_mean(self._metrics(preds, target), target.shape[0]), total
 
     def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         if self.classifiers is None:
             self._build_classifiers(out)  # (also loads the saved ones on the first step after a resume)
         where = self.where_B_acts() if self.magnitude else None
-        eps, grads = self._classify(out, target)
+        eps, clf_loss = self._classify(out, target)
         proposal = self.rule.propose(eps)  # B [M], Eq. 7 (or another rule), and the rule's next state
         B = proposal[0]
-        self._staged.append((eps, grads))
+        # the classifiers' gradients come from the same backward pass as the model's (see
+        # compute_gradients): their loss is a second root of it, so it needs no pass of its own
+        self._staged.append(eps)
+        self._clf_loss = clf_loss if self._clf_loss is None else self._clf_loss + clf_loss
         # with one micro-batch this is the step's proposal (accepted in commit); with several,
         # the step's is recomputed from their mean metric
         self._step_proposal = proposal if len(self._staged) == 1 else None
@@ -428,8 +460,7 @@ class CGGM(Method):
             self.scale_feature_gradients(out, B)
         if self.direction_term is None:
             return task_loss
-        last = self._last_layer_grads(grads)
-        term = self.direction_term.loss(self, task_loss, B, last)
+        term = self.direction_term.loss(self, task_loss, B, clf_loss)
         if term is None:
             return task_loss
         l_gm, cos = term
@@ -438,17 +469,20 @@ class CGGM(Method):
         self.record("L_gm", l_gm)
         return task_loss + self.lam * l_gm
 
-    def _last_layer_grads(self, grads: list[Tensor | None]) -> list[Tensor]:
-        out = []
-        for clf, k in zip(self.classifiers, self._last_index):
-            g = grads[k]
-            out.append(torch.zeros_like(clf.last.weight) if g is None else g)
-        return out
+    def compute_gradients(self, loss: Tensor) -> None:
+        """One backward pass with two roots: the loss (its gradients reach the model, B through the
+        feature hooks) and the classifiers' loss (whose graph starts at detached features, so its
+        gradients reach the classifiers only, unscaled by any GradScaler that scaled ``loss``)."""
+        clf_loss, self._clf_loss = self._clf_loss, None
+        if clf_loss is None:
+            loss.backward()
+        else:
+            torch.autograd.backward([loss, clf_loss])
 
     def _proposal(self) -> tuple[Tensor, dict[str, Any]]:
         """B and the rule's next state for the step being taken (the micro-batches' mean metric)."""
         if self._step_proposal is None:
-            eps = torch.stack([e for e, _ in self._staged]).mean(0)
+            eps = torch.stack(self._staged).mean(0)
             self._step_proposal = self.rule.propose(eps)
         return self._step_proposal
 
@@ -457,15 +491,21 @@ class CGGM(Method):
             return take_step()
         B = self._proposal()[0]
         groups = self.modality_parameter_groups()
-        before = [torch._foreach_mul(ps, 1.0) if ps else [] for ps in groups]  # copies
+        params = [p for ps in groups for p in ps]
+        if not params:
+            return take_step()
+        before = torch._foreach_mul(params, 1.0)  # (a copy, freed after the step)
         taken = take_step()
         if taken:
+            # theta <- theta_old + B_i (theta_new - theta_old), i.e. lerp(theta_new, theta_old, 1 - B_i),
+            # in one call over every modality's parameters (0-d weights on the device: no sync)
+            keep = (1 - B).unbind()
+            weights = []
+            for k, ps in zip(keep, groups):
+                if ps:
+                    weights += [k.to(ps[0].dtype)] * len(ps)
             with torch.no_grad():
-                for i, (ps, old) in enumerate(zip(groups, before)):
-                    if ps:
-                        torch._foreach_sub_(ps, old)  # the update
-                        torch._foreach_mul_(ps, B[i].to(ps[0].dtype))
-                        torch._foreach_add_(ps, old)
+                torch._foreach_lerp_(params, before, weights)
         return taken
 
     def commit(self, scaler=None) -> None:
@@ -473,20 +513,26 @@ class CGGM(Method):
         accepts the step's mean metric, and the direction term keeps this step's weights."""
         _, next_state = self._proposal()
         n = len(self._staged)
-        for k, p in enumerate(self._clf_params):
-            gs = [grads[k] for _, grads in self._staged if grads[k] is not None]
-            p.grad = None if not gs else (gs[0] if n == 1 else torch.stack(gs).sum(0) / n)
-        self.classifier_opt.step()
-        self.classifier_opt.zero_grad(set_to_none=True)
+        grads = [p.grad for p in self._clf_params if p.grad is not None]
+        if grads:
+            if n > 1:
+                torch._foreach_div_(grads, float(n))
+            distributed.average_gradients(self._clf_params)  # (one collective; nothing in one process)
+            self.classifier_opt.step()
+            for p in self._clf_params:
+                p.grad = None
         self.rule.accept(next_state)
         if self.direction_term is not None:
             self.direction_term.commit()
-        self._staged, self._step_proposal = [], None
+        self._staged, self._step_proposal, self._clf_loss = [], None, None
 
     def discard(self) -> None:
         if self.direction_term is not None:
             self.direction_term.discard()
-        self._staged, self._step_proposal = [], None
+        if self.classifier_opt is not None:
+            for p in self._clf_params:
+                p.grad = None
+        self._staged, self._step_proposal, self._clf_loss = [], None, None
 
     # -- evaluation -----------------------------------------------------------------------------
     def eval_begin(self) -> None:
