@@ -58,7 +58,8 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench(arch: str, M: int, steps: int, warmup: int, batch: int, device, seq_len: int) -> dict[str, float]:
+def bench(arch: str, M: int, steps: int, warmup: int, batch: int, device, seq_len: int,
+          phases: bool = False) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     task = Task("classification", 4)
     shapes, x = make_inputs(arch, M, batch, device, seq_len, gen)
@@ -74,26 +75,44 @@ def bench(arch: str, M: int, steps: int, warmup: int, batch: int, device, seq_le
         method = make().bind(model, task, optimizer=opt)
         runs[name] = (model, method, opt)
 
-    def step(model, method, opt):
+    def step(model, method, opt, marks=None):
         out = model(x)
+        mark(marks)
         loss = method.loss(out, y, task.loss(out.prediction, y))
+        mark(marks)
         opt.zero_grad(set_to_none=True)
         method.backward(loss)
+        mark(marks)
         method.step(opt)
 
+    def mark(marks):
+        if marks is not None:
+            sync(device)
+            marks.append(time.perf_counter())
+
     times: dict[str, list[float]] = {name: [] for name in runs}
+    phase_times: dict[str, list[list[float]]] = {name: [] for name in runs}
     for i in range(warmup + steps):
         for name, run in runs.items():  # interleaved: noise hits every variant alike
+            marks = [] if phases else None
             sync(device)
             t0 = time.perf_counter()
-            step(*run)
+            step(*run, marks)
             sync(device)
+            t1 = time.perf_counter()
             if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(t1 - t0)
+                if phases:
+                    edges = [t0, *marks, t1]
+                    phase_times[name].append([b - a for a, b in zip(edges, edges[1:])])
     med = {name: statistics.median(t) for name, t in times.items()}
     memory = {name: (step_peak_bytes(lambda run=run: step(*run), device), persistent_bytes(run[1]))
               for name, run in runs.items()}
-    return {name: med[name] / med["joint"] for name in med} | {"joint_ms": med["joint"] * 1e3, "memory": memory}
+    result = {name: med[name] / med["joint"] for name in med} | {"joint_ms": med["joint"] * 1e3, "memory": memory}
+    if phases:  # the median of each phase, in ms
+        result["phases"] = {name: [statistics.median(col) * 1e3 for col in zip(*rows)]
+                            for name, rows in phase_times.items()}
+    return result
 
 
 def step_peak_bytes(run_step, device) -> float | None:
@@ -164,6 +183,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=50)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--modalities", type=int, nargs="+", default=[2, 3, 4], help="the values of M to run")
+    p.add_argument("--phases", action="store_true",
+                   help="also print each phase's median time (forward, method.loss, method.backward, method.step)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,13 +195,18 @@ def main() -> None:
     names = list(VARIANTS)
     print(f"{'M':<3}{'joint ms':>10}  " + "  ".join(f"{n:>26}" for n in names[1:]))
     results = {}
-    for M in (2, 3, 4):
-        r = results[M] = bench(args.arch, M, args.steps, args.warmup, args.batch, device, args.seq_len)
+    for M in args.modalities:
+        r = results[M] = bench(args.arch, M, args.steps, args.warmup, args.batch, device, args.seq_len, args.phases)
         print(f"{M:<3}{r['joint_ms']:>10.1f}  " + "  ".join(f"{r[n]:>26.3f}" for n in names[1:]), flush=True)
     if args.arch == "transformer":
         print("targets: magnitude only <= 1.10, with gradient direction <= 1.35")
     else:
         print("targets: magnitude only <= 1.30, with gradient direction <= 1.50")
+    if args.phases:
+        print("\nphases, median ms: forward | method.loss | method.backward | method.step")
+        for M, r in results.items():
+            for n in names:
+                print(f"{M:<3}{n:<28}" + " | ".join(f"{t:7.3f}" for t in r["phases"][n]))
     mb = 2.0**20
     print("\nmemory, MB: peak allocated during one step above the step's start (persistent method state in brackets)")
     print(f"{'M':<3}" + "  ".join(f"{n:>26}" for n in names))
