@@ -448,9 +448,11 @@ class _FeatureScale:
 
 def no_autocast(device_type: str):
     """A context without autocast on ``device_type`` (a no-op context when autocast is off there)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta): it cannot be on there
+        enabled = False
+    return torch.autocast(device_type=device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def _by_modality(params, modalities: Sequence[str]) -> dict[str, list[nn.Parameter]]:
