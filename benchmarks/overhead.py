@@ -1,6 +1,7 @@
 """Time one training step of CGGM against joint training, side by side, for M = 2, 3, 4.
 
-Variants: CGGM magnitude only (lambda = 0; B on the encoders' Adam updates, the default for
+Variants: CGGM's classifiers only (trained each step, B and L_gm not applied: the floor of every
+CGGM variant), CGGM magnitude only (lambda = 0; B on the encoders' Adam updates, the default for
 Adam), the same with B on gradients (feature hooks), CGGM with the gradient direction term (the
 default, a double backward through the head's last layer), and CGGM with the official weight
 direction term. Every variant trains the same model (same initial weights) on the same batches,
@@ -36,6 +37,8 @@ from cggm.methods import Method
 
 VARIANTS = {
     "joint": lambda: Method(),
+    # the floor of any CGGM variant: the M auxiliary classifiers trained each step, nothing applied
+    "classifiers only": lambda: CGGM(lam=0.0, direction="off", magnitude=False),
     "cggm magnitude only": lambda: CGGM(lam=0.0, direction="off"),
     "cggm magnitude, B on grads": lambda: CGGM(lam=0.0, direction="off", scale_on="gradient"),
     "cggm + gradient direction": lambda: CGGM(direction="gradient"),

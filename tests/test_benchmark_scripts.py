@@ -18,11 +18,11 @@ def test_overhead_script_prints_ratios_phases_and_memory():
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     ratios = next(line for line in lines if line.startswith("2 ")).split()
-    assert len(ratios) == 6 and all(float(v) > 0 for v in ratios[1:])  # M, joint ms, 4 ratios
+    assert len(ratios) == 7 and all(float(v) > 0 for v in ratios[1:])  # M, joint ms, 5 ratios
     assert "targets: magnitude only <= 1.30" in r.stdout
     phases = [line for line in lines if line.startswith("2  ") and "|" in line]
-    assert len(phases) == 5  # one row per variant: forward | loss | backward | step
+    assert len(phases) == 6  # one row per variant: forward | loss | backward | step
     memory = lines[lines.index(next(line for line in lines if line.startswith("memory, MB"))) + 2].split()
     # joint holds no method state; CGGM holds its classifiers and their optimizer state
-    assert memory[0] == "2" and memory[2] == "[0.00]" and float(memory[4].strip("[]")) > 0
+    assert memory[0] == "2" and memory[2] == "[0.00]" and float(memory[4].strip("[]")) > 0 and float(memory[6].strip("[]")) > 0
     assert "USDT" not in r.stdout + r.stderr  # (the CPU profiler's own lines are kept out)
