@@ -144,3 +144,15 @@ def test_method_backward_inside_an_enclosing_autocast_equals_outside():
         method.skip()
     for g_out, g_in in zip(*grads):
         torch.testing.assert_close(g_in, g_out, rtol=0, atol=0)
+
+
+def test_direction_term_names_a_head_layer_the_loss_does_not_use():
+    torch.manual_seed(0)
+    model = TwoModal()
+    unused = nn.Linear(32, 4)  # the same shape as model.fc, but not on the prediction's path
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    method = CGGM(head_layer=unused).bind(model, TASK, ["audio", "video"], optimizer=opt)
+    a, v, y = data(16, 9)
+    pred, feats = model(a, v)
+    with pytest.raises(ValueError, match="does not depend on it"):
+        method.loss(ModelOutput(pred, feats), y, TASK.loss(pred, y))

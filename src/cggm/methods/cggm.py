@@ -111,18 +111,18 @@ class GradientCosine(DirectionTerm):
     def loss(self, cggm, task_loss, B, clf_loss):
         W_F = cggm.head_layer.weight
         last = [clf.last.weight for clf in cggm.classifiers]
-        # g_F (with its graph, so L_gm reaches the head, the fusion and the encoders) and each
-        # classifier's g_i (a constant) in one pass: the classifiers' loss does not depend on W_F
-        # and the task loss not on the classifiers, so the gradients of their sum are each one's
-        grads = torch.autograd.grad([task_loss, clf_loss], [W_F, *last], create_graph=True, retain_graph=True,
-                                    allow_unused=True)
-        g_F = grads[0]
+        # g_F with its graph (so L_gm reaches the head, the fusion and the encoders) and each
+        # classifier's g_i as a constant: two calls, since a graph of the g_i (create_graph in a
+        # single call) costs more than the second call (measured on the MLP model: 262 us for one
+        # call against 96 + 126 us for two)
+        (g_F,) = torch.autograd.grad(task_loss, W_F, create_graph=True, retain_graph=True, allow_unused=True)
         if g_F is None:
             raise UnsupportedSettingError(
                 "CGGM's direction term needs the gradient of the task loss with respect to the fused head's last "
                 "layer, but the loss does not depend on it: pass head_layer=... (the layer that produces the "
                 "prediction), or direction='off'.")
-        g_i = [torch.zeros_like(w) if g is None else g.detach() for w, g in zip(last, grads[1:])]
+        grads = torch.autograd.grad(clf_loss, last, retain_graph=True, allow_unused=True)
+        g_i = [torch.zeros_like(w) if g is None else g for w, g in zip(last, grads)]
         # under DDP: the global batch's g_F (differentiable) and g_i on every rank (identity in one process)
         g_F = distributed.mean_over_ranks(g_F)
         if distributed.is_distributed():
