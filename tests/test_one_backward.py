@@ -156,3 +156,31 @@ def test_direction_term_names_a_head_layer_the_loss_does_not_use():
     pred, feats = model(a, v)
     with pytest.raises(ValueError, match="does not depend on it"):
         method.loss(ModelOutput(pred, feats), y, TASK.loss(pred, y))
+
+
+class Frozen(nn.Module):
+    """A user classifier (``last`` shaped like the head's last layer) with no trainable parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.last = nn.Linear(16, 32), nn.Linear(32, 4)
+        self.requires_grad_(False)
+
+    def forward(self, h, mask=None, size=None):
+        return self.last(torch.relu(self.body(h)))
+
+
+def test_frozen_user_classifiers_are_measured_but_not_trained():
+    torch.manual_seed(0)
+    model = TwoModal()
+    clfs = [Frozen() for _ in range(2)]
+    before = [copy.deepcopy(c.state_dict()) for c in clfs]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    method = CGGM(head_layer=model.fc, classifiers=clfs, direction="off").bind(
+        model, TASK, ["audio", "video"], optimizer=opt,
+        modality_parameters=[model.audio.parameters(), model.video.parameters()])
+    step(model, method, opt, [data(16, 10)])
+    assert method.global_step == 1
+    for c, b in zip(clfs, before):
+        for k, v in c.state_dict().items():
+            assert torch.equal(v, b[k])

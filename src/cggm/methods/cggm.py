@@ -474,7 +474,7 @@ class CGGM(Method):
         feature hooks) and the classifiers' loss (whose graph starts at detached features, so its
         gradients reach the classifiers only, unscaled by any GradScaler that scaled ``loss``)."""
         clf_loss, self._clf_loss = self._clf_loss, None
-        if clf_loss is None:
+        if clf_loss is None or not clf_loss.requires_grad:  # (e.g. user classifiers that are all frozen)
             loss.backward()
         else:
             torch.autograd.backward([loss, clf_loss])
