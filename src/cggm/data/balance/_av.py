@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from ..._optional import require
 from ...types import Task
 from ..base import DataError, DataSplits, stratified_split
-from ..paper._common import check_class_labels, check_finite, load_pickle, sorted_rows
+from ..paper._common import check_class_labels, check_finite, load_pickle, open_cached_array, settings_hash, sorted_rows
 
 MODALITIES = ("audio", "visual")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -370,10 +370,6 @@ def resolve(rows: Sequence[tuple[str, int]], audio_dirs: Sequence[Path], visual_
 
 
 # -- the cache ------------------------------------------------------------------------------------
-def settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
@@ -502,15 +498,7 @@ def open_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def _open(file: Path, ndim: int) -> np.ndarray:
-    if not file.is_file():
-        raise DataError(f"{file}: not found (part of the clip cache; delete the cache folder to rebuild it).")
-    try:
-        x = np.load(file, mmap_mode="r", allow_pickle=False)
-    except Exception as err:
-        raise DataError(f"{file}: cannot read: {err}") from err
-    if x.ndim != ndim:
-        raise DataError(f"{file}: expected a {ndim}-d array, got shape {x.shape}.")
-    return x
+    return open_cached_array(file, ndim, "the clip cache; delete the cache folder to rebuild it")
 
 
 # -- roots and lists of a dataset ----------------------------------------------------------------

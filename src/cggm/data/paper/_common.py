@@ -1,7 +1,10 @@
-"""Shared helpers of the paper-dataset loaders: file checks, a numpy-only unpickler, array checks."""
+"""Shared helpers of the paper-dataset and audio-visual loaders: file checks, a numpy-only unpickler,
+array checks, and the feature caches' settings hash and memory-mapped reads."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 from pathlib import Path
 from typing import ClassVar
@@ -92,3 +95,22 @@ def sorted_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     return rows[order], inverse
+
+
+def settings_hash(settings: dict) -> str:
+    """The short hash that names a feature cache built with these settings."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def open_cached_array(file: Path, ndim: int, cache: str) -> np.ndarray:
+    """A memory-mapped ``ndim``-d array of a feature cache, or a DataError naming the file (``cache``
+    says which cache it belongs to and how to rebuild it)."""
+    if not file.is_file():
+        raise DataError(f"{file}: not found (part of {cache}).")
+    try:
+        x = np.load(file, mmap_mode="r", allow_pickle=False)
+    except Exception as err:
+        raise DataError(f"{file}: cannot read: {err}") from err
+    if x.ndim != ndim:
+        raise DataError(f"{file}: expected a {ndim}-d array, got shape {x.shape}.")
+    return x

@@ -45,7 +45,6 @@ cached features of a frozen backbone; the official code does not apply it either
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -58,7 +57,7 @@ from ..._optional import require
 from ...types import Task
 from ..base import DataError, DataSplits, stratified_split
 from ..registry import register_dataset
-from ._common import check_class_labels, check_finite, existing_dir, sorted_rows
+from ._common import check_class_labels, check_finite, existing_dir, open_cached_array, settings_hash, sorted_rows
 
 FORMAT = "cggm-food101-features"
 MODALITIES = ("image", "text")
@@ -159,15 +158,7 @@ def read_cache(folder: str | Path, val_fraction: float = 0.1, seed: int = 0) -> 
 
 
 def _open(file: Path, ndim: int) -> np.ndarray:
-    if not file.is_file():
-        raise DataError(f"{file}: not found (part of the Food-101 feature cache).")
-    try:
-        x = np.load(file, mmap_mode="r", allow_pickle=False)
-    except Exception as err:
-        raise DataError(f"{file}: cannot read: {err}") from err
-    if x.ndim != ndim:
-        raise DataError(f"{file}: expected a {ndim}-d array, got shape {x.shape}.")
-    return x
+    return open_cached_array(file, ndim, "the Food-101 feature cache")
 
 
 def _check_finite_chunked(x: np.ndarray, where: Path, chunk: int = 4096) -> None:
@@ -210,10 +201,6 @@ def _image_file(root: Path, split: str, image_id: str, label: str) -> Path:
         if candidate.is_file():
             return candidate
     raise DataError(f"{root / 'images' / split / label / image_id}: image not found.")
-
-
-def _settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def extract_features(path: str | Path, vit: str | Path, bert: str | Path, out_dir: str | Path,
@@ -341,7 +328,7 @@ def load_food101(path: str, vit: str | None = None, bert: str | None = None, fea
     settings = {"vit": str(Path(vit).expanduser().resolve()), "bert": str(Path(bert).expanduser().resolve()),
                 "image_grid": image_grid, "text_len": text_len, "dtype": dtype}
     folder = Path(cache_dir).expanduser() if cache_dir else root / "cggm_features"
-    folder = folder / _settings_hash(settings)
+    folder = folder / settings_hash(settings)
     if not (folder / "meta.json").is_file():
         extract_features(root, vit, bert, folder, image_grid, text_len, batch_size, device, dtype)
     return read_cache(folder, val_fraction, seed)
