@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from _state import assert_same_state
 
 from cggm.data import BatchIterator, load_dataset
 from cggm.methods import build_method
@@ -75,21 +76,6 @@ def test_a_step_the_scaler_skips_commits_nothing(data, name):
     assert torch.isfinite(loss) and not taken and scaler.get_scale() == 2.0**10
     for k, v in model.state_dict().items():
         assert torch.equal(v, weights[k]), k
-    _assert_same_state(method.state_dict(), state)
+    assert_same_state(method.state_dict(), state)
     _, _, taken = _step(model, optimizer, method, batches[1], data.task, torch.float16, scaler)
     assert taken and method.global_step == 2
-
-
-def _assert_same_state(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _assert_same_state(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_state(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from _state import assert_same_state
 from torch import nn
 
 from cggm import CGGM, ModelOutput, ProtocolError, Task, build_method, list_methods
@@ -178,7 +179,7 @@ def test_grad_scaler_through_the_method_applies_update_scaling():
     opt.zero_grad()
     method.backward(scaler.scale(loss) * float("inf"))
     assert method.step(opt, scaler=scaler) is False
-    _assert_same(method.state_dict(), state)
+    assert_same_state(method.state_dict(), state)
 
 
 def test_protocol_errors_name_the_fix():
@@ -216,21 +217,6 @@ def test_gradient_editing_method_needs_method_backward():
 
 
 # -- item 4: a skipped step leaves every method's state untouched ---------------------------------
-def _assert_same(a, b, where="state"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), (where, set(a) ^ set(b))
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), (where, a, b)
-
-
 def _snapshot(method):
     mods = {n: copy.deepcopy(m.state_dict()) for n, m in method.modules().items()}
     return {"state": copy.deepcopy(method.state_dict()), "modules": mods}
@@ -265,7 +251,7 @@ def test_a_skipped_nan_step_leaves_the_method_untouched(name):
     assert not torch.isfinite(loss)
     method.skip()
     after = _snapshot(method)
-    _assert_same(after, before, name)
+    assert_same_state(after, before, name)
     # and the next good step is finite everywhere
     loss = attempt(inputs, masks, y)
     method.step(opt)
