@@ -184,3 +184,18 @@ def test_frozen_user_classifiers_are_measured_but_not_trained():
     for c, b in zip(clfs, before):
         for k, v in c.state_dict().items():
             assert torch.equal(v, b[k])
+
+
+def test_batched_classifier_metric_equals_one_call_per_prediction():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (32,), generator=g)
+    preds = [torch.randn(32, 4, generator=g) for _ in range(3)]
+    preds[1][:, 0] += 5.0  # a classifier that mostly says class 0: different accuracies
+    one_by_one = torch.stack([TASK.batch_metric(p, y) for p in preds])
+    assert len(set(one_by_one.tolist())) > 1
+    torch.testing.assert_close(TASK.batch_metrics(preds, y), one_by_one, rtol=0, atol=0)
+    seg = Task("segmentation", 3)  # other tasks: one call per prediction
+    maps = [torch.randn(2, 3, 4, 4, generator=g) for _ in range(2)]
+    target = torch.randint(0, 3, (2, 4, 4), generator=g)
+    torch.testing.assert_close(seg.batch_metrics(maps, target),
+                               torch.stack([seg.batch_metric(m, target) for m in maps]), rtol=0, atol=0)

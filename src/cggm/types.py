@@ -144,6 +144,14 @@ class Task:
                 return -(pred - target.float()).abs().mean()
             return hard_dice(prediction.argmax(dim=1), target, self.num_outputs).mean()
 
+    def batch_metrics(self, predictions: list[Tensor], target: Tensor) -> Tensor:
+        """:meth:`batch_metric` of several predictions of the same target, as an ``[M]`` tensor
+        (classification predictions of one shape in a single argmax)."""
+        if self.kind == "classification" and len({p.shape for p in predictions}) == 1:
+            with torch.no_grad():
+                return (torch.stack(predictions).argmax(dim=2) == target).float().flatten(1).mean(dim=1)
+        return torch.stack([self.batch_metric(p, target) for p in predictions])
+
     # -- evaluation metrics ------------------------------------------------------------------------
     @property
     def headline(self) -> Headline:

@@ -81,7 +81,7 @@ PLAIN_OPTIMIZERS = (torch.optim.SGD, torch.optim.ASGD)
 # -- direction terms -------------------------------------------------------------------------------
 class DirectionTerm:
     """A direction term of CGGM (Eq. 12-13): ``loss(...)`` gives L_gm for this step (or None);
-    ``stage``/``commit``/``discard`` keep state that must move only when a step is taken.
+    ``commit``/``discard`` keep state that must move only when a step is taken.
     ``clf_loss`` is the sum of the classifiers' losses of this step (its graph starts at the
     detached features, so it reaches only the classifiers)."""
 
@@ -416,12 +416,10 @@ class CGGM(Method):
         return self.task.batch_metric(pred, target)
 
     def _metrics(self, preds: list[Tensor], target: Tensor) -> Tensor:
-        """epsilon ``[M]`` of the classifiers' predictions (accuracy in one call when they agree in shape)."""
-        if (self.task.kind == "classification" and self.metric != "sign_accuracy"
-                and len({p.shape for p in preds}) == 1):
-            with torch.no_grad():
-                return (torch.stack(preds).argmax(dim=2) == target).float().flatten(1).mean(dim=1)
-        return torch.stack([self._metric(pred, target) for pred in preds])
+        """epsilon ``[M]`` of the classifiers' predictions."""
+        if self._sign_accuracy:
+            return torch.stack([self._metric(pred, target) for pred in preds])
+        return self.task.batch_metrics(preds, target)
 
     def _classify(self, out: ModelOutput, target: Tensor) -> tuple[Tensor, Tensor]:
         """Each classifier on its detached features, in fp32 outside autocast: epsilon ``[M]``
