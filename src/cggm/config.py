@@ -461,6 +461,9 @@ def option_problems(section: str, name: str, factory: Callable[..., Any], option
             bad.discard(key)
             if key in hints and conforms(value, hints[key])[1] is not value:
                 options[key] = conforms(value, hints[key])[1]
+    if section == "model":  # widths of 0 (a model that sees no input)
+        from .models.factory import size_problems
+        out += [f"{where}.{msg}" for msg in size_problems({k: v for k, v in options.items() if k not in bad})]
     if section == "dataset":
         params = _parameters(factory) or {}
         out += [f"{where}.{p}: required by dataset {name!r}" + (" (give it with --data-path)" if p == "path" else "")

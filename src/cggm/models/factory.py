@@ -21,10 +21,25 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     return deco
 
 
+# widths that are the size of a layer every input passes through: 0 would leave a model that sees
+# no input (its prediction a constant bias) and trains without an error
+SIZE_OPTIONS = ("feature_dim", "hidden", "d_model", "heads", "width")
+
+
+def size_problems(options: Mapping[str, Any]) -> list[str]:
+    """One message per option of ``SIZE_OPTIONS`` in ``options`` that is not a whole number >= 1."""
+    return [f"{k} must be an integer >= 1 (the width of a layer every input passes through; 0 gives a model "
+            f"that sees no input), got {v!r}" for k, v in options.items()
+            if k in SIZE_OPTIONS and (isinstance(v, bool) or not isinstance(v, int) or v < 1)]
+
+
 def build_model(arch: str, input_shapes: Mapping[str, tuple[int, ...]], task: Task, **kwargs: Any) -> MultimodalModel:
     """``input_shapes`` maps each modality to the shape of one sample (no batch axis)."""
     if arch not in MODEL_BUILDERS:
         raise ValueError(f"Unknown model architecture {arch!r}. Known: {sorted(MODEL_BUILDERS)}.")
+    problems = size_problems(kwargs)
+    if problems:
+        raise ValueError(f"Bad options for model {arch!r}: " + "; ".join(problems) + ".")
     try:
         return MODEL_BUILDERS[arch](input_shapes=dict(input_shapes), task=task, **kwargs)
     except TypeError as err:

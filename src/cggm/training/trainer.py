@@ -152,8 +152,26 @@ class TrainConfig:
                 out.append((name, f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}"))
             elif name in self._RANGES and not self._RANGES[name][0](value):
                 out.append((name, f"{name} must be {self._RANGES[name][1]}, got {value!r}"))
-        if self.scheduler == "cosine" and not {"lr", "min_lr"} & {n for n, _ in out} and self.min_lr > self.lr:
-            out.append(("min_lr", f"min_lr must be <= lr with the cosine scheduler, got {self.min_lr} > lr {self.lr}"))
+        named = {n for n, _ in out}
+        if self.scheduler in ("cosine", "plateau") and not {"lr", "min_lr"} & named and self.min_lr > self.lr:
+            out.append(("min_lr", f"min_lr must be <= lr with the {self.scheduler} scheduler, got {self.min_lr} > "
+                                  f"lr {self.lr}"))
+        # settings that would be accepted and then do nothing
+        if self.scheduler == "none" and "min_lr" not in named and self.min_lr != 0:
+            out.append(("min_lr", f"min_lr ({self.min_lr}) is the floor of the plateau and cosine schedulers and "
+                                  f"scheduler is 'none': set scheduler to plateau or cosine, or remove min_lr"))
+        if not {"warmup_epochs", "scheduler"} & named and self.warmup_epochs > 0 and self.scheduler == "plateau":
+            out.append(("warmup_epochs", f"warmup_epochs ({self.warmup_epochs}) works with scheduler 'none' or "
+                                         f"'cosine', not 'plateau': set warmup_epochs to 0 or use scheduler cosine"))
+        if not {"warmup_epochs", "warmup_start_lr"} & named and self.warmup_start_lr is not None \
+                and self.warmup_epochs == 0:
+            out.append(("warmup_start_lr", f"warmup_start_lr ({self.warmup_start_lr}) is used only with "
+                                           f"warmup_epochs > 0: set warmup_epochs or remove warmup_start_lr"))
+        if not {"warmup_epochs", "warmup_start_lr", "scheduler"} & named and self.warmup_epochs > 0 \
+                and self.scheduler == "none" and self.warmup_start_lr is None:
+            out.append(("warmup_start_lr", f"warmup_epochs ({self.warmup_epochs}) with scheduler 'none' ramps the "
+                                           f"learning rate from warmup_start_lr to lr, and warmup_start_lr is not set: "
+                                           f"set it (e.g. 0.0)"))
         return out
 
     def _coerce_types(self) -> dict[str, str]:
@@ -294,6 +312,15 @@ class Trainer:
                 f"Checkpoint {last} is incompatible with this run: its settings differ: train.epochs: {old} -> "
                 f"{self.config.epochs}, but {done} epochs are already trained (epochs may only grow on a resume). "
                 f"To start fresh, use --no-resume (replaces that run) or a new --output.")
+        old = state.get("config", {}).get("epochs", self.config.epochs)
+        if self.config.scheduler == "cosine" and old != self.config.epochs:
+            # the cosine schedule spans train.epochs: another length reshapes the part already trained
+            raise CheckpointError(
+                f"Checkpoint {last} is incompatible with this run: its settings differ: train.epochs: {old} -> "
+                f"{self.config.epochs}, and the cosine scheduler's length is train.epochs (the learning rate "
+                f"would jump to another curve). Resume with train.epochs={old}; to train longer, start fresh "
+                f"with --no-resume (replaces that run) or a new --output, or use scheduler none or plateau, whose "
+                f"epochs may grow on a resume.")
         want = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         have = {k: tuple(getattr(v, "shape", ())) for k, v in state["model"].items()}
         if want != have:
@@ -327,7 +354,7 @@ class Trainer:
         c = self.config
         if c.scheduler == "plateau":
             return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="min", factor=c.plateau_factor,
-                                                              patience=c.plateau_patience)
+                                                              patience=c.plateau_patience, min_lr=c.min_lr)
         if c.scheduler == "cosine":
             total = c.epochs * steps_per_epoch
             warm = c.warmup_epochs * steps_per_epoch
@@ -341,6 +368,11 @@ class Trainer:
                 return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
             return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        if c.warmup_epochs > 0:  # scheduler "none": a linear warm-up to lr, then lr
+            warm = c.warmup_epochs * steps_per_epoch
+            start = c.warmup_start_lr / c.lr
+            return torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                     lambda step: start + (1 - start) * min(step / warm, 1.0))
         return None
 
     def metric_names(self) -> set[str] | None:
