@@ -18,7 +18,7 @@ SRC = ROOT / "src"
 MUT = Path(tempfile.mkdtemp(prefix="cggm-mutants-"))
 shutil.copytree(ROOT / "tests", MUT / "tests")
 TESTS = ["tests/test_equations.py", "tests/test_trust.py", "tests/test_one_backward.py", "tests/methods",
-         "tests/test_engine.py", "-k", "not 100k"]
+         "tests/test_engine.py", "tests/test_bayes.py", "-k", "not 100k"]
 MUTANTS = {
  "weights for gradients (A1) in the direction term": ("cggm/methods/cggm.py",
    "        cos = F.cosine_similarity(g_F.reshape(1, -1), G, dim=1)",
@@ -66,6 +66,10 @@ MUTANTS = {
  "rho missing from B (robust rule)": ("cggm/methods/improvement.py",
    "        B = self.rho * (total - delta + self.tau * (m - 1) / m) / (total + self.tau)",
    "        B = (total - delta + self.tau * (m - 1) / m) / (total + self.tau)"),
+ "Bayes ceiling: the strong modality's corruption left out of its likelihood": ("cggm/data/synthetic.py",
+   "            if rho > 0:", "            if False:"),
+ "Bayes ceiling: the weak modality's random sign left out of its likelihood": ("cggm/data/synthetic.py",
+   "        for sign in ((1.0, -1.0) if self.signed[m] else (1.0,)):", "        for sign in (1.0,):"),
 }
 only = sys.argv[1:]
 survived = 0
