@@ -224,3 +224,29 @@ def test_ten_modalities_at_most_and_options_checked():
         shapley_contributions(ForwardOnly(), None, data, CLS2, masking="features")
     res = shapley_contributions(ForwardOnly(), None, data, CLS2, masking="zero")  # input masking: forward only
     assert sum(res.phi.values()) == pytest.approx(0.5 - 0.25, abs=1e-12)  # v(abc) = 2/4, v({}) = 1/4 (hand)
+
+
+def test_mean_masking_of_a_split_that_only_serves_batches():
+    # memory-mapped caches offer get_batch only: the training mean is read by batches (7 does not divide 200)
+    class BatchesOnly:
+        def __init__(self, split):
+            self._split = split
+            self.modalities = split.modalities
+
+        def __len__(self):
+            return len(self._split)
+
+        def get_batch(self, idx):
+            return self._split.get_batch(idx)
+
+        def check_task(self, task):
+            self._split.check_task(task)
+
+    data = _random_splits(3, "abc")
+    served = DataSplits("served", CLS2, BatchesOnly(data.train), data.val, data.test)
+    model = ScoreModel({"a": 1.0, "b": -0.6, "c": 0.9}, bias=-0.3)
+    fill = {m: data.train.inputs[m].mean(0, keepdim=True) for m in "abc"}  # computed here, whole
+    expected = shapley_contributions(model, None, data.val, CLS2, fill=fill)
+    res = shapley_contributions(model, None, served, batch_size=7)
+    assert res.values == pytest.approx(expected.values, abs=1e-12) and res.phi == pytest.approx(expected.phi, abs=1e-12)
+    assert len({round(v, 9) for v in res.values.values()}) > 3
