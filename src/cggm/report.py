@@ -44,6 +44,7 @@ import torch
 from .config import train_config
 from .data.base import BatchIterator, DataSplits
 from .data.registry import load_dataset
+from .data.stream import input_means
 from .diagnostics.probe import probe_encoders
 from .methods.base import UnsupportedSettingError
 from .runner import build_trainer, comparison_options, summarize
@@ -89,9 +90,9 @@ def removal_drops(model, method, data: DataSplits, metric: str | None = None) ->
     full = evaluate_with(model, method, data)[metric]
     sign = 1.0 if data.task.higher_is_better(metric) else -1.0
     drops = {}
+    means = input_means(data.train, data.modalities)  # also for memory-mapped splits (audio-visual, Food-101)
     for m in data.modalities:
-        mean = data.train.inputs[m].float().mean(0, keepdim=True)
-        drops[m] = sign * (full - evaluate_with(model, method, data, fill={m: mean})[metric])
+        drops[m] = sign * (full - evaluate_with(model, method, data, fill={m: means[m]})[metric])
     return full, drops
 
 

@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..data.base import BatchIterator, MultimodalDataset
+from ..data.stream import no_augmentation, split_targets
 from ..models.blocks import pool
 from ..types import Task
 
@@ -64,5 +65,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 def probe_encoders(model: nn.Module, train: MultimodalDataset, test: MultimodalDataset, task: Task) -> dict[str, float]:
     """Linear-probe score of each modality's encoder (trained on ``train``, scored on ``test``)."""
-    ftr, fte = encode_split(model, train), encode_split(model, test)
-    return {m: linear_probe(a, train.target, b, test.target, task) for m, a, b in zip(model.modalities, ftr, fte)}
+    with no_augmentation(train):  # the split as it is, not randomly cropped
+        ftr, fte = encode_split(model, train), encode_split(model, test)
+    ytr, yte = split_targets(train), split_targets(test)  # memory-mapped splits have no .target
+    return {m: linear_probe(a, ytr, b, yte, task) for m, a, b in zip(model.modalities, ftr, fte)}

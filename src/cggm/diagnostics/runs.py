@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,14 +182,50 @@ def plot_sweep(result: dict[str, Any], path: str | Path) -> Path:
 
 
 # -- diagnose a trained model -----------------------------------------------------------------------
+RAW_PROBE_MAX = 4096  # values per input a memory-mapped split's raw probe reads without averaging
+
+
 def raw_probes(data) -> dict[str, float]:
     """A linear probe on each modality's raw (flattened, standardised) input: how much of the label
-    is linearly readable from the modality before any training; a reference for the encoders."""
+    is linearly readable from the modality before any training; a reference for the encoders.
+
+    In-memory splits are probed on their flattened inputs. Memory-mapped splits (audio-visual
+    clips, Food-101 features) are read by batches, and an input of more than ``RAW_PROBE_MAX``
+    values is averaged first (:func:`_coarse`), so that the probe fits in memory."""
+    from ..data.stream import split_batches, split_targets
     from .probe import linear_probe
 
-    return {m: linear_probe(data.train.inputs[m].float().flatten(1), data.train.target,
-                            data.test.inputs[m].float().flatten(1), data.test.target, data.task)
-            for m in data.modalities}
+    def features(ds) -> dict[str, torch.Tensor]:
+        inputs = getattr(ds, "inputs", None)
+        if isinstance(inputs, Mapping):
+            return {m: inputs[m].float().flatten(1) for m in data.modalities}
+        parts: dict[str, list[torch.Tensor]] = {m: [] for m in data.modalities}
+        for x, masks, _ in split_batches(ds):
+            for m in parts:
+                parts[m].append(_coarse(x[m].float(), masks.get(m)))
+        return {m: torch.cat(v) for m, v in parts.items()}
+
+    tr, te = features(data.train), features(data.test)
+    ytr, yte = split_targets(data.train), split_targets(data.test)
+    return {m: linear_probe(tr[m], ytr, te[m], yte, data.task) for m in data.modalities}
+
+
+def _coarse(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, D]`` from a batch ``[B, *shape]``: flattened if it has at most ``RAW_PROBE_MAX`` values
+    per sample; else a sequence ``[B, T, D]`` averaged over its (unmasked) positions, and a map
+    ``[B, ..., H, W]`` averaged to at most 8 x 8 cells and over its axes before the channels (frames)."""
+    if x[0].numel() <= RAW_PROBE_MAX:
+        return x.flatten(1)
+    if x.ndim == 3:
+        w = torch.ones(x.shape[:2]) if mask is None else mask.float()
+        return (x * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
+    lead = x.shape[:-2]
+    cells = torch.nn.functional.adaptive_avg_pool2d(x.reshape(-1, 1, *x.shape[-2:]), (min(8, x.shape[-2]),
+                                                                                      min(8, x.shape[-1])))
+    cells = cells.reshape(*lead, -1)
+    if cells.ndim > 3:  # [B, frames, ..., C, cells]: the frames averaged
+        cells = cells.flatten(1, -3).mean(1)
+    return cells.flatten(1)
 
 
 def diagnose(run_dir: str | Path, data_path: str | None = None, device: str = "cpu",
@@ -238,6 +274,9 @@ def diagnose(run_dir: str | Path, data_path: str | None = None, device: str = "c
     out = {"run_dir": str(run_dir), "dataset": data.name, "method": cfg["method"]["name"], "metric": metric,
            "fused": full, "drop": drops, "probe": probes, "raw_probe": raw}
     out["verdict"], out["text"] = _interpret(out, data)
+    if not isinstance(getattr(data.train, "inputs", None), Mapping):
+        out["text"] += (f"\n(Memory-mapped data: raw-input probes of inputs with more than {RAW_PROBE_MAX} values "
+                        f"read them averaged: sequences over positions, images and spectrograms to 8 x 8 cells.)")
     return out
 
 
