@@ -250,3 +250,24 @@ def test_mean_masking_of_a_split_that_only_serves_batches():
     res = shapley_contributions(model, None, served, batch_size=7)
     assert res.values == pytest.approx(expected.values, abs=1e-12) and res.phi == pytest.approx(expected.phi, abs=1e-12)
     assert len({round(v, 9) for v in res.values.values()}) > 3
+
+
+def test_diagnose_shows_the_shapley_contributions(tmp_path, capsys):
+    import json
+
+    from cggm.cli import main
+
+    out = tmp_path / "run"
+    tiny = ["--set", "dataset.options.n_train=96", "--set", "dataset.options.n_val=40", "--set",
+            "dataset.options.n_test=40", "--set", "train.epochs=1", "--set", "train.batch_size=32"]
+    assert main(["train", "--preset", "synthetic", "--method", "joint", "--output", str(out), "--quiet", *tiny]) == 0
+    capsys.readouterr()
+    assert main(["diagnose", str(out), "--json", str(tmp_path / "d.json"), "--shapley-masking", "features"]) == 0
+    text = capsys.readouterr().out
+    assert "Shapley contribution to val accuracy, masking='features'" in text and "v(empty)" in text
+    d = json.loads((tmp_path / "d.json").read_text())["shapley"]
+    assert set(d["phi"]) == {"strong", "weak"} and len(d["values"]) == 4 and d["split"] == "val"
+    v = d["values"]  # M = 2: phi_strong = 1/2 [v(s) - v({})] + 1/2 [v(s+w) - v(w)]
+    assert d["phi"]["strong"] == pytest.approx(0.5 * (v["strong"] - v["{}"]) + 0.5 * (v["strong+weak"] - v["weak"]))
+    assert main(["diagnose", str(out), "--json", str(tmp_path / "e.json"), "--shapley-masking", "off"]) == 0
+    assert "Shapley" not in capsys.readouterr().out and "shapley" not in json.loads((tmp_path / "e.json").read_text())

@@ -201,7 +201,9 @@ def cmd_sweep(args) -> int:
 def cmd_diagnose(args) -> int:
     from .diagnostics.runs import diagnose
 
-    res = diagnose(args.run_dir, data_path=args.data_path, device=args.device or "cpu", overrides=args.overrides)
+    res = diagnose(args.run_dir, data_path=args.data_path, device=args.device or "cpu", overrides=args.overrides,
+                   shapley_masking=None if args.shapley_masking == "off" else args.shapley_masking,
+                   shapley_split=args.shapley_split)
     print(res["text"])
     if args.json:
         Path(args.json).write_text(json.dumps({k: v for k, v in res.items() if k != "text"}, indent=1))
@@ -286,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value of the run (e.g. dataset options)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--shapley-masking", default="mean", choices=["mean", "features", "zero", "off"],
+                   help="each modality's Shapley contribution with absent modalities' inputs replaced by the training "
+                   "mean (default), their features zeroed, or their inputs zeroed; off: not computed")
+    p.add_argument("--shapley-split", default="val", choices=["val", "test", "train"],
+                   help="the split the Shapley contributions are measured on (default val)")
     p.set_defaults(fn=cmd_diagnose)
 
     p = sub.add_parser("demo", help="joint training vs CGGM on the built-in synthetic data")

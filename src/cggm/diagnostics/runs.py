@@ -229,9 +229,14 @@ def _coarse(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def diagnose(run_dir: str | Path, data_path: str | None = None, device: str = "cpu",
-             overrides: Sequence[str] = ()) -> dict[str, Any]:
+             overrides: Sequence[str] = (), shapley_masking: str | None = "mean",
+             shapley_split: str = "val") -> dict[str, Any]:
     """Load ``best.pt`` + ``config.yaml`` of a ``cggm train`` output dir, rebuild its data, and
-    measure each modality's utilization. Returns the numbers and a text report (``text``)."""
+    measure each modality's utilization. Returns the numbers and a text report (``text``).
+
+    ``shapley_masking``: also each modality's Shapley contribution to the fused metric on
+    ``shapley_split`` (:func:`cggm.diagnostics.shapley.shapley_contributions` with that masking;
+    ``None``: not computed)."""
     from ..config import apply_override, load_config, validate
     from ..data.base import DataError
     from ..methods.registry import build_method
@@ -274,10 +279,32 @@ def diagnose(run_dir: str | Path, data_path: str | None = None, device: str = "c
     out = {"run_dir": str(run_dir), "dataset": data.name, "method": cfg["method"]["name"], "metric": metric,
            "fused": full, "drop": drops, "probe": probes, "raw_probe": raw}
     out["verdict"], out["text"] = _interpret(out, data)
+    if shapley_masking:
+        out["shapley"], text = _shapley(model, method, data, shapley_masking, shapley_split)
+        out["text"] += "\n\n" + text
     if not isinstance(getattr(data.train, "inputs", None), Mapping):
         out["text"] += (f"\n(Memory-mapped data: raw-input probes of inputs with more than {RAW_PROBE_MAX} values "
                         f"read them averaged: sequences over positions, images and spectrograms to 8 x 8 cells.)")
     return out
+
+
+def _shapley(model, method, data, masking: str, split: str) -> tuple[dict[str, Any] | None, str]:
+    """Each modality's Shapley contribution (JSON-able, or None beyond the exact limit) and its text."""
+    from .shapley import MAX_MODALITIES, shapley_contributions
+
+    if len(data.modalities) > MAX_MODALITIES:
+        return None, (f"(No Shapley contributions: {len(data.modalities)} modalities, more than the "
+                      f"{MAX_MODALITIES} valued exactly.)")
+    res = shapley_contributions(model, method, data, split=split, masking=masking)
+    hidden = {"mean": "its input replaced by the training mean", "zero": "its input set to zero",
+              "features": "its feature zeroed before the fused head"}[masking]
+    lines = [res.table(), "",
+             (f"- phi: the modality's Shapley contribution to the fused {split} {res.metric}: what adding it "
+              f"changes, v(S + it) - v(S), averaged over every order of adding the modalities; a modality absent "
+              f"from a coalition S has {hidden}. The phis add up to v(all) - v(empty) (2^M evaluations, exact). "
+              "share = phi / sum of phis. Unlike the drop (all others present), it credits a modality for what "
+              "it adds in every company, so two modalities that carry the same information share the credit.")]
+    return res.to_dict(), "\n".join(lines)
 
 
 def _interpret(d: dict[str, Any], data) -> tuple[dict[str, str], str]:
