@@ -270,7 +270,9 @@ class CGGM(Method):
     @classmethod
     def official(cls, rho: float = 1.3, lam: float = 0.2, **kwargs: Any) -> CGGM:
         """The official code's behaviour (for comparison with published runs), composed of: raw
-        Eq. 7 on consecutive batches (``rule="paper"``), the official metric (batch sign accuracy
+        Eq. 7 on consecutive batches in the published code's form (``rule="paper"`` with
+        ``rule_options={"formula": "official"}``: the 1e-8 guard added to the numerator too, so B
+        is rho for every encoder when no metric changes), the official metric (batch sign accuracy
         on regression, A9), encoder gradients scaled by B before clipping (``scale_on="gradient"``)
         and the one-step-late cosine of weights (``direction="weight"``) (cggm-spec.md A1-A3, A9).
         Its global gradient clipping (0.8) is a training setting (``clip_grad_norm``), set in the
@@ -279,6 +281,8 @@ class CGGM(Method):
         kwargs.setdefault("metric", "official")
         kwargs.setdefault("rule", "paper")
         kwargs.setdefault("direction", "weight")
+        if kwargs["rule"] == "paper":  # (a rule given by name: the published formula unless told otherwise)
+            kwargs["rule_options"] = {"formula": "official", **dict(kwargs.get("rule_options") or {})}
         return cls(rho=rho, lam=lam, **kwargs)
 
     # -- composition ---------------------------------------------------------------------------

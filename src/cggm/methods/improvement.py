@@ -10,9 +10,17 @@ synchronisation.
       delta_i = eps_i^t - eps_i^{t-1}
       B_i     = rho * (sum_k delta_k - delta_i) / (sum_k delta_k + 1e-8)
 
-  The 1e-8 is the official code's guard. Because consecutive batches differ, sum_k delta_k is
-  often 0 or negative: B then blows up (|B| ~ 1e5) or turns negative, which flips the sign of an
-  encoder's gradient (cggm-spec.md A3).
+  The 1e-8 guards the division. Because consecutive batches differ, sum_k delta_k is often 0 or
+  negative: B then blows up (|B| ~ 1e5) or turns negative, which flips the sign of an encoder's
+  gradient (cggm-spec.md A3). ``PaperRule(rho, formula="official")`` is the published code's
+  formula instead (``diff_sum = sum(diff) + 1e-8; coeff = (diff_sum - d) / diff_sum``, then the
+  gradient times ``coeff * rho``): its guard is added to the numerator too::
+
+      B_i     = rho * (sum_k delta_k + 1e-8 - delta_i) / (sum_k delta_k + 1e-8)
+
+  so when no classifier's metric changes (every delta 0) B is rho for every encoder, where the
+  paper's formula gives 0. ``cggm_official`` (:meth:`CGGM.official`) uses it; ``rule="paper"``
+  keeps the formula as written in the paper.
 
 * :class:`RobustRule` (ours) keeps Eq. 7's shape but measures improvement on a smoothed metric
   over a window, and guards the ratio::
@@ -80,14 +88,27 @@ class ImprovementRule:
 
 
 class PaperRule(ImprovementRule):
-    """Eq. 7 on raw consecutive batch metrics, epsilon^0 = 0 (Algorithm 1). Unbounded."""
+    """Eq. 7 on raw consecutive batch metrics, epsilon^0 = 0 (Algorithm 1). Unbounded.
+
+    ``formula``: ``"paper"`` (default), Eq. 7 as the paper writes it, with the guard
+    ``denominator_eps`` in the denominator only: ``B_i = rho (S - delta_i) / (S + g)``, S the sum
+    of the deltas; ``"official"``, the published code's (``diff_sum = sum(diff) + 1e-8; coeff =
+    (diff_sum - d) / diff_sum``, B = coeff * rho, cggm-spec.md A3), whose guard is in the
+    numerator too: ``B_i = rho (S + g - delta_i) / (S + g)``. They differ by ``rho g / (S + g)``:
+    nothing when the improvements are large, but when no metric changes (S = 0, every delta 0)
+    the official B is rho for every encoder and the paper's is 0.
+    """
 
     name = "paper"
     bounded = False
+    FORMULAS = ("paper", "official")
 
-    def __init__(self, rho: float, denominator_eps: float = 1e-8):
+    def __init__(self, rho: float, denominator_eps: float = 1e-8, formula: str = "paper"):
         super().__init__(rho)
+        if formula not in self.FORMULAS:
+            raise ValueError(f"PaperRule formula must be one of {self.FORMULAS}, got {formula!r}.")
         self.denominator_eps = float(denominator_eps)
+        self.formula = formula
         self.previous: Tensor | None = None
 
     def propose(self, eps: Tensor) -> tuple[Tensor, dict[str, Any]]:
@@ -95,7 +116,11 @@ class PaperRule(ImprovementRule):
         prev = torch.zeros_like(eps) if self.previous is None else self.previous.to(eps.device)
         delta = eps - prev
         total = delta.sum()
-        B = self.rho * (total - delta) / (total + self.denominator_eps)
+        if self.formula == "official":  # the published code: the guard in the numerator too
+            guarded = total + self.denominator_eps
+            B = self.rho * (guarded - delta) / guarded
+        else:
+            B = self.rho * (total - delta) / (total + self.denominator_eps)
         return B, {"previous": eps.clone()}
 
     def state_dict(self):
