@@ -25,6 +25,7 @@ def test_two_steps(name, M):
         return
     method.bind(model, data.task, data.modalities)
     opt = make_optimizer(model, method)
+    method.begin_epoch(context(data, model, 0))
     before = [p.detach().clone() for p in model.parameters()]
     for step in range(2):
         inputs, masks, target = batch(data, start=16 * step)
@@ -40,7 +41,7 @@ def test_two_steps(name, M):
 
 
 def _epoch_hooks(method, data, model, epoch):
-    method.on_epoch_start(context(data, model, epoch))
+    method.begin_epoch(context(data, model, epoch))
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -52,11 +53,11 @@ def test_state_roundtrip(name):
     method = build_method(name).bind(model, data.task, data.modalities)
     opt = make_optimizer(model, method)
     ctx = context(data, model, 0)
-    method.on_epoch_start(ctx)
+    method.begin_epoch(ctx)
     for step in range(2):
         train_step(model, method, opt, *batch(data, start=16 * step))
-    method.on_epoch_end(ctx)
-    method.on_epoch_start(context(data, model, 1))
+    method.finish_epoch(ctx)
+    method.begin_epoch(context(data, model, 1))
     train_step(model, method, opt, *batch(data, start=8))
 
     saved = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()),

@@ -110,7 +110,7 @@ def test_pmr_prototype_loss_acts_on_weaker_modality_only():
     data = tiny_data(2)
     model = tiny_model(data)
     method = build_method("pmr", alpha=0.6).bind(model, data.task, data.modalities)
-    method.on_epoch_start(context(data, model, 0))
+    method.begin_epoch(context(data, model, 0))
     inputs, masks, target = batch(data)
     out = model(inputs, masks)
     task_loss = data.task.loss(out.prediction, target)
@@ -131,7 +131,7 @@ def test_pmr_prototypes_are_class_means():
     data = tiny_data(2)
     model = tiny_model(data)
     method = build_method("pmr").bind(model, data.task, data.modalities)
-    method.on_epoch_start(context(data, model, 0))
+    method.begin_epoch(context(data, model, 0))
     with torch.no_grad():
         inputs, masks, target = data.train.get_batch(torch.arange(len(data.train)))
         h = model(inputs, masks).features[0]
@@ -184,7 +184,7 @@ def test_inforeg_proximal_term_on_dominant_encoder_only():
     model = tiny_model(data)
     method = build_method("inforeg", beta=0.9).bind(model, data.task, data.modalities)
     opt = make_optimizer(model, method, kind="sgd")
-    method.on_epoch_start(context(data, model, 0))
+    method.begin_epoch(context(data, model, 0))
     train_step(model, method, opt, *batch(data))  # moves parameters away from the anchor
     plain = _grads_after(model, method, *batch(data, start=16))
     s = torch.stack([method.records()[f"s/{m}"] for m in data.modalities])
@@ -203,7 +203,7 @@ def test_inforeg_window_closes_when_fisher_stops_growing():
     ctx = context(data, model)
     for trace in (1.0, 2.0, 2.02):
         method.fisher_sum, method.fisher_steps = torch.tensor(trace), 1
-        method.on_epoch_end(ctx)
+        method.finish_epoch(ctx)
         assert method.active == (trace != 2.02)
 
 

@@ -34,12 +34,12 @@ def test_gblending_epoch_end_uses_held_out_losses():
     method = build_method("gblending").bind(model, data.task, data.modalities)
     opt = make_optimizer(model, method)
     ctx = context(data, model, 0)
-    method.on_epoch_start(ctx)
+    method.begin_epoch(ctx)
     first = method.measured.clone()
     assert first.shape == (2, 3)
     for step in range(3):
         train_step(model, method, opt, *batch(data, start=16 * (step % 3)))
-    method.on_epoch_end(ctx)
+    method.finish_epoch(ctx)
     torch.testing.assert_close(method.weights, gblend_weights(first, method.measured))
     # the loss is the weighted sum of head losses
     inputs, masks, target = batch(data)
@@ -144,6 +144,7 @@ def test_reconboost_stage_trains_one_learner_against_the_others():
     model = tiny_model(data)
     method = build_method("reconboost", stage_steps=1).bind(model, data.task, data.modalities)
     opt = make_optimizer(model, method)
+    method.begin_epoch(context(data, model, 0))
     for step in range(4):
         active = data.modalities[method.active]
         before = {m: [p.detach().clone() for p in model.encoders[m].parameters()] for m in data.modalities}
@@ -185,6 +186,7 @@ def test_mslr_param_groups_and_updates():
     groups = method.param_groups(model)
     assert [g["lr_scale"] for g in groups] == [2.0, 0.5, 1.0]
     opt = make_optimizer(model, method, lr=0.1, kind="sgd")
+    method.begin_epoch(context(data, model, 0))
     inputs, masks, target = batch(data)
     out = model(inputs, masks)
     grads = torch.autograd.grad(data.task.loss(out.prediction, target), list(model.parameters()))
@@ -205,7 +207,7 @@ def test_mslr_dynamic_multiplier():
     accs = iter([[0.5, 0.4], [0.6, 0.2], [0.9, 0.3]])
     method.unimodal_accuracy = lambda ctx: next(accs)
     for e in range(3):
-        method.on_epoch_end(context(data, model, e))
+        method.finish_epoch(context(data, model, e))
     # epoch 1: c = acc1 / acc0; epoch 2: c *= acc2 / mean(acc0, acc1)
     exp = [0.6 / 0.5 * 0.9 / 0.55, 0.2 / 0.4 * 0.3 / 0.3]
     assert method.multipliers == pytest.approx(exp)

@@ -49,7 +49,8 @@ from torch import Tensor, nn
 from .._optional import require
 from ..data.base import BatchIterator, collate
 from ..methods.base import EpochContext, Method
-from ..metrics.tracker import MetricTracker
+from ..optim import build_optimizer
+from ..training.evaluation import EvalStep
 from ..training.trainer import _to_device  # a method's saved state onto the device, optimizer states left as they are
 from ..types import ModelOutput, Task
 
@@ -110,7 +111,7 @@ class MethodModule(pl.LightningModule):
         self.skipped_steps = 0
         self._pending: dict[str, Any] | None = None  # a loaded checkpoint's cggm state, applied on the model's device
         self._pending_rng: dict[str, Any] | None = None
-        self._tracker: MetricTracker | None = None
+        self._eval: EvalStep | None = None
         self._epoch_ended = -1
 
     # -- model and optimizer ---------------------------------------------------------------------
@@ -119,16 +120,12 @@ class MethodModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = self.method.param_groups(self.model)
-        for g in groups:
-            g["lr"] = self.lr * float(g.pop("lr_scale", 1.0))
         spec = self.optimizer_spec
         if callable(spec):
+            for g in groups:
+                g["lr"] = self.lr * float(g.pop("lr_scale", 1.0))
             return spec(groups)
-        if spec == "sgd":
-            return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        if spec == "adamw":
-            return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
-        return torch.optim.Adam(groups, lr=self.lr, weight_decay=self.weight_decay)
+        return build_optimizer(spec, groups, self.lr, weight_decay=self.weight_decay, momentum=self.momentum)
 
     # -- the training step ---------------------------------------------------------------------------
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
@@ -213,7 +210,7 @@ class MethodModule(pl.LightningModule):
             _set_rng_state(rng)
 
     def on_train_epoch_start(self) -> None:
-        self.method.on_epoch_start(self._context())
+        self.method.begin_epoch(self._context())
 
     def on_train_epoch_end(self) -> None:
         if self._epoch_ended != self.current_epoch:  # no validation at this epoch's end
@@ -221,7 +218,7 @@ class MethodModule(pl.LightningModule):
 
     def _end_epoch(self, metrics: Mapping[str, float]) -> None:
         self._epoch_ended = self.current_epoch
-        self.method.on_epoch_end(self._context(metrics))
+        self.method.finish_epoch(self._context(metrics))
 
     def _context(self, metrics: Mapping[str, float] | None = None) -> EpochContext:
         epochs = max(int(self.trainer.max_epochs or 0), self.current_epoch + 1)
@@ -276,20 +273,13 @@ class MethodModule(pl.LightningModule):
 
     def _eval_begin(self) -> None:
         self._apply_pending()
-        self._tracker = MetricTracker(self.task)
-        self.method.eval_begin()
+        self._eval = EvalStep(self.model, self.method, self.task, self.device, sync=False)
 
     def _eval_step(self, batch: Any) -> None:
-        inputs, masks, target = batch
-        inputs, masks = self.method.prepare_eval(inputs, masks)
-        out = self.model(inputs, masks)
-        pred = self.method.eval_prediction(out)
-        self._tracker.update(pred, target, self.task.loss(pred, target))
-        self.method.eval_step(out, target)
+        self._eval(*batch)
 
     def _eval_end(self, prefix: str) -> dict[str, float]:
-        metrics = self._tracker.compute()
-        metrics.update(self.method.eval_end())
+        metrics = self._eval.compute()
         self.log_dict({f"{prefix}/{k}": float(v) for k, v in metrics.items()}, prog_bar=False)
         return metrics
 

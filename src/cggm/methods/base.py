@@ -1,45 +1,27 @@
-"""The one interface every balancing method implements.
+"""The method base: a method is its math; the base keeps the books.
 
-A training step, in the engine and in a user's own loop, has four phases::
+A method declares what it supports and needs (:class:`Support`), the state it keeps
+(:meth:`Method.add_state`: values, auxiliary modules, random streams) and writes a few hooks, each a
+no-op by default. The phases of a step that call them (``prepare``, ``loss``, ``backward``,
+``step``, ``skip``, ``begin_epoch``, ``finish_epoch``; :mod:`cggm.methods.protocol`) are never
+overridden; saving, loading, device moves, DDP averaging of auxiliary modules, staging and dropping
+a skipped step are done here, once.
 
-    inputs, masks = method.prepare(inputs, masks)          # 1. inputs (e.g. modality dropout)
-    out = model(inputs, masks)                             #    ModelOutput: prediction + features
-    loss = method.loss(out, target, task.loss(out.prediction, target))   # 2. the loss
-    optimizer.zero_grad(set_to_none=True)
-    method.backward(loss)                                  # 3. gradients (and a method's edits)
-    # (clip gradients here if you want to: B and every other gradient edit are already in them)
-    method.step(optimizer)                                 # 4. the update; or step(optimizer, scaler=scaler)
+The hooks, by when they run:
 
-What each phase may do, so that a skipped or accumulated step is never wrong:
-
-* :meth:`loss` computes; it never steps an optimizer and never advances a method's statistics.
-  What it measures (classifier metrics, coefficients, an auxiliary loss) is *staged*.
-* :meth:`backward` back-propagates (outside autocast; CGGM's classifiers learn from the same pass)
-  and applies the method's gradient edits (modulation, noise), before any clipping or finite check
-  of the caller.
-* :meth:`step` takes the optimizer step (through a ``GradScaler`` if given, or any step function)
-  and then *commits* what was staged: the method's own modules (auxiliary classifiers, heads) are
-  stepped and its statistics advance, once per optimizer step. Under gradient accumulation,
-  ``loss``/``backward`` run once per micro-batch and ``step`` once.
-* :meth:`skip` drops what was staged when the caller does not take the step (a non-finite loss):
-  the method's state is left exactly as it was.
-
-The library notices a loop that bypasses a phase: the model's parameters changed since the last
-:meth:`loss` without :meth:`step` (a plain ``optimizer.step()`` or ``scaler.step(optimizer)``), a
-method that edits gradients stepped without :meth:`backward`, or a feature-gradient hook that never
-fired (the model returned tensors its prediction was not computed from). Each raises
-:class:`ProtocolError` naming the fix, since the modulation was silently not applied otherwise.
-
-Methods override a few hooks, each named for what it does: :meth:`setup`, :meth:`param_groups`,
-:meth:`prepare`, :meth:`compute_loss`, :meth:`compute_gradients`, :meth:`edit_gradients`,
-:meth:`update` (around the optimizer step), :meth:`commit` and :meth:`discard`, the epoch and
-evaluation hooks, and :meth:`state_dict` / :meth:`load_state_dict`. The engine never branches on a
-method's name.
+* set-up: :meth:`setup` (once, at ``bind``), :meth:`param_groups` (the model optimizer's groups);
+* the step: :meth:`transform_batch` (inputs, before the forward pass), :meth:`compute_loss` (the
+  loss; stage what the step measured with :meth:`stage`), :meth:`compute_gradients` (the backward
+  pass), :meth:`edit_gradients` (after it, before clipping), :meth:`wrap_optimizer_step` (around
+  the model's optimizer step), :meth:`on_step_taken` (the step was taken: advance statistics from
+  :meth:`staged` values);
+* epochs: :meth:`on_epoch_start`, :meth:`on_epoch_end`;
+* evaluation: :meth:`eval_prediction` (the prediction scored), :meth:`eval_metrics` (the method's
+  own metrics, torchmetrics-like objects updated with ``(out, target)``).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -47,37 +29,47 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .. import distributed
 from ..types import TASK_KINDS, ModelOutput, Task
+from . import legacy
+from .binding import UnsupportedSettingError, by_modality, check_modalities, check_support, declared_groups
+from .protocol import PHASES, ProtocolError, StepProtocol, no_autocast
+from .state import StateItem
 
+__all__ = ["EpochContext", "Method", "ProtocolError", "Support", "UnsupportedSettingError", "no_autocast"]
 Batch = tuple[dict[str, Tensor], dict[str, Tensor], Tensor]  # inputs, masks, target
-StepFunction = Callable[[], Any]
-
-
-class UnsupportedSettingError(ValueError):
-    """A method was asked to run in a setting it does not support."""
-
-
-class ProtocolError(RuntimeError):
-    """The training step bypassed a phase of the method protocol (see :mod:`cggm.methods.base`),
-    so the method's modulation would silently not be applied."""
 
 
 @dataclass(frozen=True)
 class Support:
-    """What a method supports; checked when it is bound to a model."""
+    """What a method supports and needs, declared by the class and checked at ``bind`` and each step.
+
+    edits_gradients: its ``compute_gradients``/``edit_gradients`` change what ``backward`` gives
+        (``loss.backward()`` is then refused). accumulates: gradient accumulation over micro-batches
+        is sound (default: unless it edits gradients). unused_parameters: some steps leave model
+        parameters without a gradient (DDP must look for them). epoch_hooks: it acts at epoch
+        boundaries (a loop must call ``begin_epoch``). param_groups: the model's optimizer must be
+        built from ``param_groups`` (a loop that does not is refused)."""
 
     min_modalities: int = 2
     max_modalities: int | None = None
     tasks: tuple[str, ...] = TASK_KINDS
     needs: str = ""  # free text, e.g. "a model with concatenation fusion and a linear head"
-    ddp: bool = True  # False: the method's steps leave parts of the model unused, which DDP cannot reduce
+    ddp: bool = True  # False: the method cannot run under DDP at all
+    edits_gradients: bool = False
+    accumulates: bool | None = None
+    unused_parameters: bool = False
+    epoch_hooks: bool = False
+    param_groups: bool = False
+
+    def __post_init__(self) -> None:
+        if self.accumulates is None:
+            object.__setattr__(self, "accumulates", not self.edits_gradients)
 
 
 @dataclass
 class EpochContext:
-    """What epoch-level hooks may use. ``batches(split)`` yields ``(inputs, masks, target)`` on
-    the model's device, in a fixed order; ``forward`` runs the (possibly DDP-wrapped) model."""
+    """What epoch hooks may use. ``batches(split)`` yields ``(inputs, masks, target)`` on the model's
+    device, in a fixed order; ``forward`` runs the (possibly DDP-wrapped) model."""
 
     epoch: int
     epochs: int
@@ -87,73 +79,70 @@ class EpochContext:
     forward: Callable[..., ModelOutput]
     metrics: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def from_loaders(cls, model: nn.Module, task: Task, epoch: int, epochs: int, metrics: Mapping[str, float] | None = None,
+                     **loaders: Iterable[Batch]) -> EpochContext:
+        """A context for an own loop: ``loaders`` by split name (``train=..., val=...``), each an
+        iterable of ``(inputs, masks, target)`` batches on the model's device."""
+        def batches(split: str) -> Iterator[Batch]:
+            if split not in loaders:
+                raise ValueError(f"The method reads the {split!r} split at epoch boundaries: pass "
+                                 f"EpochContext.from_loaders(..., {split}=loader).")
+            yield from loaders[split]
+        return cls(epoch, epochs, model, task, batches, model, dict(metrics or {}))
 
-class Method:
-    """Base class: joint training (no balancing). Subclasses override only the hooks they need."""
+
+class Method(StepProtocol, legacy.LegacyHooks):
+    """Base class and joint training (no balancing): see the module docstring."""
 
     name: ClassVar[str] = "joint"
     support: ClassVar[Support] = Support()
-    # True for a method whose compute_gradients only *adds* to the gradients, as loss.backward()
-    # does (CGGM: its classifiers' gradients come from the same backward pass), so gradient
-    # accumulation over micro-batches is sound; methods that edit or replace gradients refuse it
-    accumulates_gradients: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        overridden = [p for p in PHASES if p in cls.__dict__ and p not in legacy.RENAMED]
+        if overridden:
+            raise TypeError(f"{cls.__name__} overrides {overridden}, phases of the step protocol; write the hooks "
+                            f"they call instead (see cggm.methods.base).")
+        legacy.adapt(cls, Method)
+        edits = any(h in cls.__dict__ for h in ("edit_gradients", "compute_gradients"))
+        if edits and not cls.support.edits_gradients:
+            raise TypeError(f"{cls.__name__} overrides compute_gradients/edit_gradients: declare it, "
+                            f"support = Support(edits_gradients=True, ...).")
+        if any(h in cls.__dict__ for h in ("on_epoch_start", "on_epoch_end")) and not cls.support.epoch_hooks:
+            raise TypeError(f"{cls.__name__} overrides epoch hooks: declare it, support = Support(epoch_hooks=True, ...).")
 
     def __init__(self) -> None:
         self.model: nn.Module | None = None
         self.task: Task | None = None
         self.modalities: tuple[str, ...] = ()
         self.optimizer: torch.optim.Optimizer | None = None
-        self.global_step = 0  # optimizer steps taken (skipped steps do not count)
-        self.epoch = 0
         self._records: dict[str, Tensor] = {}
-        self._declared_params: dict[str, list[nn.Parameter]] | None = None
+        self._state_names: list[str] = []
+        self._declared_params = None
         self._model_params: list[nn.Parameter] = []
-        self._groups_cache: list[list[nn.Parameter]] | None = None
-        # protocol bookkeeping of the step in progress
-        self._n_losses = 0  # loss() calls since the last step() / skip()
-        self._n_backwards = 0  # backward() calls since the last step() / skip()
-        self._version_mark = 0
-        self._feature_hooks: list[tuple[str, list[bool]]] = []
+        self._begin_protocol()
 
-    # -- set-up -----------------------------------------------------------------------------
+    # -- set-up -----------------------------------------------------------------------------------
     def bind(self, model: nn.Module, task: Task, modalities: Sequence[str] | None = None, *,
              modality_parameters: Mapping[str, Iterable[nn.Parameter]] | Sequence[Iterable[nn.Parameter]] | None = None,
              optimizer: torch.optim.Optimizer | None = None) -> Method:
-        """Attach the method to a model and task.
-
-        modalities: the modality names, in the order of ``ModelOutput.features``; defaults to
-            ``model.modalities``.
-        modality_parameters: each modality's encoder parameters, as a mapping by name or a sequence
-            in modality order, for methods that act on them when the model does not declare
-            ``modality_parameters()``.
-        optimizer: the model's optimizer, for methods whose behaviour depends on it (CGGM chooses
-            where B acts from it); also settable later with :meth:`set_optimizer`.
-
-        Raises :class:`UnsupportedSettingError` for a setting the method does not support.
-        """
+        """Attach the method to ``model`` and ``task``; ``modalities`` in the order of
+        ``ModelOutput.features`` (default ``model.modalities``); ``modality_parameters`` (by name or in
+        modality order) for methods that act on encoder parameters of a model without
+        ``modality_parameters()``; ``optimizer`` for methods that depend on it. Raises
+        :class:`UnsupportedSettingError` for a setting the method does not support."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"{self.name}.bind() needs the model (an nn.Module), got {type(model).__name__}.")
         if not isinstance(task, Task):
             raise TypeError(f"{self.name}.bind() needs a cggm.Task, e.g. Task('classification', num_outputs=4); "
                             f"got {type(task).__name__}.")
-        if modalities is None:
-            modalities = getattr(model, "modalities", None)
-            if modalities is None:
-                raise ValueError(f"{self.name}.bind(): the model does not declare its modalities; pass them in the "
-                                 f"order of ModelOutput.features, e.g. bind(model, task, modalities=['audio', 'video']).")
-        if isinstance(modalities, str):
-            raise TypeError(f"modalities must be a list of names, got the string {modalities!r}.")
-        modalities = tuple(modalities)
-        if any(not isinstance(m, str) or not m for m in modalities):
-            raise TypeError(f"Modality names must be non-empty strings, got {list(modalities)}.")
-        dup = sorted({m for m in modalities if modalities.count(m) > 1})
-        if dup:
-            raise ValueError(f"Duplicate modality names {dup} in {list(modalities)}: every modality needs its own name.")
+        modalities = check_modalities(self.name, model, modalities)
         self.check_support(len(modalities), task)
         self.model, self.task, self.modalities = model, task, modalities
-        self._declared_params = None if modality_parameters is None else _by_modality(modality_parameters, modalities)
+        self._declared_params = None if modality_parameters is None else by_modality(modality_parameters, modalities)
         self._model_params = list(model.parameters())  # (walking the module tree each step costs ~0.1 ms)
-        self._groups_cache: list[list[nn.Parameter]] | None = None
+        self._all_groups: list[list[nn.Parameter]] | None = None
         if optimizer is not None:
             self.set_optimizer(optimizer)
         self.setup()
@@ -164,214 +153,100 @@ class Method:
         self.optimizer = optimizer
 
     def check_support(self, num_modalities: int, task: Task) -> None:
-        s = self.support
-        if num_modalities < s.min_modalities or (s.max_modalities is not None and num_modalities > s.max_modalities):
-            hi = "any number" if s.max_modalities is None else str(s.max_modalities)
-            raise UnsupportedSettingError(
-                f"Method {self.name!r} supports {s.min_modalities} to {hi} modalities, got {num_modalities}."
-            )
-        if task.kind not in s.tasks:
-            raise UnsupportedSettingError(
-                f"Method {self.name!r} supports tasks {list(s.tasks)}, not {task.kind!r}."
-            )
-        if not s.ddp and distributed.is_distributed():
-            raise UnsupportedSettingError(
-                f"Method {self.name!r} does not run under DDP: its loss leaves the fused head (or, per stage, "
-                f"some encoders) without a gradient, which DDP's gradient reduction cannot handle. "
-                f"Run it in a single process."
-            )
-
-    def setup(self) -> None:
-        """Called once by :meth:`bind`, after ``model``, ``task`` and ``modalities`` are set."""
+        check_support(self.name, self.support, num_modalities, task)
 
     def modality_parameter_groups(self, model: nn.Module | None = None) -> list[list[nn.Parameter]]:
-        """Each modality's trainable encoder parameters, in modality order: those given to
-        :meth:`bind`, else ``model.modality_parameters()``. A parameter in two modalities' groups is
-        refused: scaling or editing it per modality would apply two modalities' factors to it."""
-        model = self.model if model is None else model
-        if model is self.model and self._groups_cache is not None:
-            return self._groups_cache
-        if self._declared_params is not None and model is self.model:
-            declared = self._declared_params
-        elif hasattr(model, "modality_parameters"):
-            declared = model.modality_parameters()
-        else:
-            raise UnsupportedSettingError(
-                f"Method {self.name!r} acts on each modality's encoder parameters: pass "
-                f"bind(..., modality_parameters={{'audio': enc_a.parameters(), ...}}) or give the model a "
-                f"modality_parameters() method (cggm MultimodalModel does).")
-        missing = [m for m in self.modalities if m not in declared]
-        if missing:
-            raise ValueError(f"No encoder parameters declared for modalities {missing}; declared: {sorted(declared)}.")
-        groups = [[p for p in declared[m] if p.requires_grad] for m in self.modalities]
-        owner: dict[int, str] = {}
-        for m, ps in zip(self.modalities, groups):
-            for p in ps:
-                other = owner.setdefault(id(p), m)
-                if other != m:
-                    raise ValueError(
-                        f"A parameter of shape {tuple(p.shape)} is declared for both {other!r} and {m!r}. "
-                        f"{self.name} scales or edits each modality's parameters by that modality's factor, "
-                        f"which is undefined for a shared parameter: declare shared layers in neither "
-                        f"modality (they then train like the fusion module).")
-        if model is self.model:
-            self._groups_cache = groups
-        return groups
+        """Each modality's trainable encoder parameters, in modality order (given to :meth:`bind`, else
+        ``model.modality_parameters()``); read at each call, so an encoder unfrozen after ``bind`` counts."""
+        if model is not None and model is not self.model:
+            return [[p for p in ps if p.requires_grad] for ps in declared_groups(self.name, model, self.modalities, None)]
+        if self._all_groups is None:
+            self._all_groups = declared_groups(self.name, self.model, self.modalities, self._declared_params)
+        return [[p for p in ps if p.requires_grad] for ps in self._all_groups]
+
+    # -- declared state ---------------------------------------------------------------------------
+    def add_state(self, name: str, default: Any) -> None:
+        """Declare persistent state ``name`` (an attribute): a value, or a
+        :class:`~cggm.methods.state.StateItem` (auxiliary modules, a random stream, a rule) that moves
+        with the step. Saved, loaded and moved by the base."""
+        if name in self._state_names:
+            raise ValueError(f"{type(self).__name__} declares the state {name!r} twice.")
+        self._state_names.append(name)
+        setattr(self, name, default)
+
+    def _state_items(self) -> list[StateItem]:
+        items = [v for v in (getattr(self, n) for n in self._state_names) if isinstance(v, StateItem)]
+        return items + [legacy.LegacyDrop(self)] if hasattr(type(self), "_legacy_discard") else items
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The modules the method owns (auxiliary heads, classifiers), by state name."""
+        return {n: v.modules for n in self._state_names if getattr(v := getattr(self, n), "modules", None) is not None
+                and isinstance(v.modules, nn.Module)}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"global_step": self.global_step, "epoch": self.epoch, "epochs_started": self._epochs_started}
+        for n in self._state_names:
+            v = getattr(self, n)
+            state[n] = v.state_dict() if hasattr(v, "state_dict") and not isinstance(v, Tensor) else v
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.global_step, self.epoch = int(state.get("global_step", 0)), int(state.get("epoch", 0))
+        self._epochs_started = int(state.get("epochs_started", 0))
+        for n in self._state_names:
+            v = getattr(self, n)
+            if hasattr(v, "load_state_dict") and not isinstance(v, Tensor):
+                v.load_state_dict(state.get(n, {}))
+            elif n in state:
+                setattr(self, n, _copy(state[n]))
+
+    # -- hooks (no-ops by default) --------------------------------------------------------------------
+    def setup(self) -> None:
+        """Once, at the end of :meth:`bind` (``model``, ``task``, ``modalities`` are set): checks."""
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Parameter groups for the model's optimizer (a method may give modalities their own lr
-        by adding an ``lr_scale`` key to a group)."""
+        """The model optimizer's parameter groups (an ``lr_scale`` key scales a group's lr)."""
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
-    # -- the step: public phases -------------------------------------------------------------------
-    def prepare(self, inputs: dict[str, Tensor], masks: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Transform a training batch before the forward pass (default: unchanged)."""
+    def transform_batch(self, inputs: dict[str, Tensor], masks: dict[str, Tensor], training: bool) -> tuple[dict, dict]:
+        """A batch's inputs and masks before the forward pass (training or evaluation)."""
         return inputs, masks
 
-    def prepare_eval(self, inputs: dict[str, Tensor], masks: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Transform an evaluation batch before the forward pass (default: unchanged)."""
-        return inputs, masks
-
-    def loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
-        """The loss to back-propagate for this (micro-)batch. Stages, never commits."""
-        self._require_bound("loss")
-        if not isinstance(out, ModelOutput):
-            kind = type(out).__name__
-            raise TypeError(
-                f"{self.name}.loss() needs a cggm.ModelOutput, got a {kind}. Wrap what your model returns: "
-                f"ModelOutput(prediction, features), with features the per-modality tensors the fusion consumed.")
-        if len(out.features) != len(self.modalities):
-            raise ValueError(f"{self.name} was bound to {len(self.modalities)} modalities {list(self.modalities)} but "
-                             f"the model returned {len(out.features)} feature tensors.")
-        if self._n_losses and self._parameter_version() != self._version_mark:
-            raise ProtocolError(
-                f"The model's parameters changed since the last {self.name}.loss() without {self.name}.step(): "
-                f"the optimizer was stepped directly (optimizer.step() or scaler.step(optimizer)), so the "
-                f"method's update (its modulation, its classifiers or heads, its statistics) was not applied. "
-                f"Step through the method: method.step(optimizer), or method.step(optimizer, scaler=scaler).")
-        if not self._n_losses:
-            self._records.clear()
-        result = self.compute_loss(out, target, task_loss)
-        self._n_losses += 1
-        self._version_mark = self._parameter_version()
-        return result
-
-    def backward(self, loss: Tensor) -> None:
-        """Back-propagate ``loss`` (:meth:`compute_gradients`) and apply the method's gradient
-        edits (:meth:`edit_gradients`), before the caller clips or checks the gradients."""
-        self._require_bound("backward")
-        if not self._n_losses:
-            raise ProtocolError(f"{self.name}.backward() was called without {self.name}.loss() for this step.")
-        if self._edits_gradients() and not self._accumulates() and self._n_losses > 1:
-            raise ProtocolError(
-                f"{self.name} edits the gradients after each backward pass, which under gradient accumulation "
-                f"would edit the earlier micro-batches' gradients again; take one optimizer step per batch.")
-        # (outside autocast, as torch recommends: on CPU the backward runs on this thread, where an
-        # enclosing autocast, e.g. Lightning's around the training step, would cast the backward
-        # ops of fp32 modules, such as CGGM's classifiers, to half precision)
-        with no_autocast(loss.device.type):
-            self.compute_gradients(loss)
-        self.edit_gradients()
-        self._n_backwards += 1
-
-    def step(self, optimizer: torch.optim.Optimizer | StepFunction, *, scaler: Any = None) -> bool:
-        """Take the optimizer step and commit the method's staged state; returns whether the step
-        was taken.
-
-        optimizer: a ``torch.optim.Optimizer`` (or a wrapper of one that keeps it in
-            ``.optimizer``, as Accelerate's and Lightning's do), or any function that takes the
-            model's step (it may return ``False`` to say it skipped it).
-        scaler: a ``torch.amp.GradScaler``: with an optimizer the step is
-            ``scaler.step(optimizer)`` (skipped when it finds inf/NaN gradients, and then nothing
-            is committed); with a step function, that function takes the model's step (through
-            the scaler) itself. Either way the method's own optimizers step through the scaler
-            too, before you call ``scaler.update()``.
-        """
-        self._require_bound("step")
-        if not self._n_losses:
-            raise ProtocolError(f"{self.name}.step() was called without {self.name}.loss() since the last step.")
-        if self._edits_gradients() and self._n_backwards < self._n_losses:
-            raise ProtocolError(
-                f"{self.name} edits gradients after the backward pass (or computes them itself), but the "
-                f"backward pass did not go through it: call method.backward(loss) instead of loss.backward().")
-        self._check_feature_hooks()
-        if isinstance(optimizer, torch.optim.Optimizer) and self.optimizer is None:
-            self.set_optimizer(optimizer)
-        taken = bool(self.update(_step_function(optimizer, scaler)))
-        if taken:
-            self.commit(scaler)
-            self.global_step += 1
-        else:
-            self.discard()
-        self._end_step()
-        return taken
-
-    def skip(self) -> None:
-        """The caller does not take this step (e.g. a non-finite loss): drop what :meth:`loss`
-        staged, leaving the method's state exactly as before the step."""
-        if self._n_losses:
-            self.discard()
-        self._end_step()
-
-    # -- the step: hooks for methods ---------------------------------------------------------------
     def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
-        """The loss to back-propagate (default: the task loss). May stage values for
-        :meth:`commit`; must not step an optimizer or change the method's state."""
+        """The loss to back-propagate (default: the task loss); stage measurements, change no state."""
         return task_loss
 
     def compute_gradients(self, loss: Tensor) -> None:
-        """Fill the parameters' ``.grad`` (default: ``loss.backward()``)."""
+        """Fill the parameters' ``.grad`` (default ``loss.backward()``; declare ``edits_gradients``)."""
         loss.backward()
 
     def edit_gradients(self) -> None:
-        """Edit gradients after the backward pass, before clipping (default: nothing)."""
+        """Edit gradients after the backward pass, before clipping (declare ``edits_gradients``)."""
 
-    def update(self, take_step: Callable[[], bool]) -> bool:
-        """Around the model's optimizer step: ``take_step()`` steps it and returns whether it was
-        taken (a GradScaler may skip it). Returns that (default: just ``take_step()``)."""
+    def wrap_optimizer_step(self, take_step: Callable[[], bool]) -> bool:
+        """Around the model's optimizer step: ``take_step()`` steps and says whether it was taken."""
         return take_step()
 
-    def commit(self, scaler: Any = None) -> None:
-        """The step was taken: step the method's own modules and advance its statistics with what
-        :meth:`compute_loss` staged (default: nothing). ``scaler`` steps method-owned optimizers
-        whose gradients came from the scaled loss."""
+    def on_step_taken(self) -> None:
+        """The step was taken (declared state items already stepped): advance statistics from :meth:`staged`."""
 
-    def discard(self) -> None:
-        """The step was not taken: forget what :meth:`compute_loss` staged (default: nothing)."""
-
-    # -- helpers for methods -----------------------------------------------------------------------
-    def scale_feature_gradients(self, out: ModelOutput, factors: Tensor) -> None:
-        """Multiply the gradient that flows into encoder ``i`` through ``out.features[i]`` by
-        ``factors[i]`` (a hook per feature tensor, so every parameter of the encoder, its input
-        projection included, gets exactly ``factors[i]`` times its gradient, with no name
-        matching). :meth:`step` checks that every hook fired."""
-        for i, h in enumerate(out.features):
-            if h.requires_grad:
-                fired = [False]
-                h.register_hook(_FeatureScale(factors[i], fired))
-                self._feature_hooks.append((self.modalities[i], fired))
-
-    # -- epochs and evaluation ------------------------------------------------------------------
     def on_epoch_start(self, ctx: EpochContext) -> None:
-        self.epoch = ctx.epoch
+        """An epoch starts (declare ``epoch_hooks``)."""
 
     def on_epoch_end(self, ctx: EpochContext) -> None:
-        """Epoch-level statistics or schedule changes (default: nothing)."""
+        """An epoch ended; ``ctx.metrics`` are its validation metrics (declare ``epoch_hooks``)."""
 
     def eval_prediction(self, out: ModelOutput) -> Tensor:
-        """The prediction used at evaluation time (default: the fused prediction)."""
+        """The prediction scored at evaluation (default: the fused prediction)."""
         return out.prediction
 
-    def eval_begin(self) -> None:
-        """Start accumulating method-specific evaluation metrics (e.g. auxiliary classifiers)."""
-
-    def eval_step(self, out: ModelOutput, target: Tensor) -> None:
-        pass
-
-    def eval_end(self) -> dict[str, float]:
+    def eval_metrics(self) -> dict[str, Any]:
+        """The method's own evaluation metrics, by name: objects with ``update(out, target)``,
+        ``compute()`` (a number or a mapping of numbers) and ``reset()`` (torchmetrics metrics sync
+        across ranks)."""
         return {}
 
-    # -- observability and state ------------------------------------------------------------------
+    # -- helpers ------------------------------------------------------------------------------------
     def record(self, name: str, value: Tensor) -> None:
         """Keep a per-step scalar (a device tensor; the engine copies records to the host in bulk)."""
         self._records[name] = value.detach()
@@ -381,56 +256,24 @@ class Method:
         return dict(self._records)
 
     def reset_records(self) -> None:
-        """Forget the last step's records (:meth:`loss` does it at the first micro-batch of a step)."""
         self._records.clear()
 
-    def modules(self) -> Mapping[str, nn.Module]:
-        """Modules the method owns (auxiliary heads, classifiers); empty by default."""
-        return {}
+    def scale_feature_gradients(self, out: ModelOutput, factors: Tensor) -> None:
+        """Multiply the gradient flowing into encoder ``i`` through ``out.features[i]`` by ``factors[i]``
+        (a hook per feature, so every parameter of the encoder gets exactly that factor); :meth:`step`
+        checks every hook fired."""
+        for i, h in enumerate(out.features):
+            if h.requires_grad:
+                fired = [False]
+                h.register_hook(_FeatureScale(factors[i], fired))
+                self._feature_hooks.append((self.modalities[i], fired))
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"global_step": self.global_step, "epoch": self.epoch}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.global_step = int(state.get("global_step", 0))
-        self.epoch = int(state.get("epoch", 0))
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        return self.support.unused_parameters
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
-
-    # -- internals --------------------------------------------------------------------------------
-    def _require_bound(self, phase: str) -> None:
-        if self.model is None:
-            raise ProtocolError(f"{self.name}.{phase}() was called before bind(): call "
-                                f"method.bind(model, task, modalities=[...]) first.")
-
-    def _edits_gradients(self) -> bool:
-        cls = type(self)
-        return cls.edit_gradients is not Method.edit_gradients or cls.compute_gradients is not Method.compute_gradients
-
-    def _accumulates(self) -> bool:
-        cls = type(self)
-        return cls.accumulates_gradients and cls.edit_gradients is Method.edit_gradients
-
-    def _parameter_version(self) -> int:
-        # in-place updates (every optimizer's step) bump a tensor's version counter; reading it
-        # is a host-side integer, no device synchronisation
-        return sum(p._version for p in self._model_params)
-
-    def _check_feature_hooks(self) -> None:
-        dead = [m for m, fired in self._feature_hooks if not fired[0]]
-        if dead:
-            raise ProtocolError(
-                f"{self.name} scales the gradient flowing into the encoder of {dead} through the feature tensors "
-                f"the model returned, but no gradient flowed through them: the prediction was not computed from "
-                f"these tensors (a copy, a pooled or re-projected view?), so the modulation would silently do "
-                f"nothing. Return in ModelOutput.features exactly the tensors the fusion consumed"
-                + (", or scale updates instead (scale_on='update')." if self.name.startswith("cggm") else "."))
-
-    def _end_step(self) -> None:
-        self._n_losses = 0
-        self._n_backwards = 0
-        self._feature_hooks = []
 
 
 class _FeatureScale:
@@ -440,67 +283,20 @@ class _FeatureScale:
         self.factor, self.fired = factor, fired
 
     def __call__(self, grad: Tensor | None) -> Tensor | None:
-        if grad is None:  # (no gradient reached the tensor: nothing to scale, and not fired)
+        if grad is None:
             return None
         self.fired[0] = True
         return grad * self.factor.to(grad.dtype)
 
 
-def no_autocast(device_type: str):
-    """A context without autocast on ``device_type`` (a no-op context when autocast is off there)."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # a device type autocast does not know (e.g. meta): it cannot be on there
-        enabled = False
-    return torch.autocast(device_type=device_type, enabled=False) if enabled else contextlib.nullcontext()
-
-
-def _by_modality(params, modalities: Sequence[str]) -> dict[str, list[nn.Parameter]]:
-    if isinstance(params, Mapping):
-        unknown = sorted(set(params) - set(modalities))
-        if unknown:
-            raise ValueError(f"modality_parameters names unknown modalities {unknown}; the modalities are "
-                             f"{list(modalities)}.")
-        return {m: list(ps) for m, ps in params.items()}
-    params = list(params)
-    if len(params) != len(modalities):
-        raise ValueError(f"modality_parameters has {len(params)} groups for {len(modalities)} modalities "
-                         f"{list(modalities)}; give one group per modality, in the same order.")
-    return {m: list(ps) for m, ps in zip(modalities, params)}
-
-
-def _step_function(optimizer, scaler) -> Callable[[], bool]:
-    """A function that takes the model's step and returns whether it was taken."""
-    if scaler is not None and isinstance(optimizer, torch.optim.Optimizer):
-        return lambda: _observed(optimizer, lambda: scaler.step(optimizer))
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return lambda: _observed(optimizer, optimizer.step)
-    if callable(optimizer):
-        return lambda: optimizer() is not False
-    raise TypeError(f"step() needs an optimizer or a step function, got {type(optimizer).__name__}.")
-
-
-def _innermost(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer that actually steps: wrappers (Accelerate's AcceleratedOptimizer,
-    Lightning's LightningOptimizer) keep it in ``.optimizer``; some subclass Optimizer without
-    initialising it, so their own step hooks do not exist."""
-    seen = 0
-    while hasattr(optimizer, "optimizer") and isinstance(optimizer.optimizer, torch.optim.Optimizer) and seen < 8:
-        optimizer, seen = optimizer.optimizer, seen + 1
-    return optimizer
-
-
-def _observed(optimizer: torch.optim.Optimizer, run: Callable[[], Any]) -> bool:
-    """Run ``run`` (which steps ``optimizer``, possibly through a wrapper or a GradScaler) and
-    return whether the underlying optimizer's step actually ran."""
-    ran = [False]
-
-    def hook(*_: Any) -> None:
-        ran[0] = True
-
-    handle = _innermost(optimizer).register_step_post_hook(hook)
-    try:
-        run()
-    finally:
-        handle.remove()
-    return ran[0]
+def _copy(value: Any) -> Any:
+    """A loaded state value, its tensors cloned (so later in-place updates do not write into the checkpoint)."""
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_copy(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    return value

@@ -5,8 +5,8 @@ reports (:func:`cggm.report.evaluate_with`) all score a model on a split here.
   scores whole volumes), is evaluated by it; a ``transform`` is passed on as ``transform=`` (a split
   that takes none refuses it, rather than being silently scored without it). Under DDP such a split
   is evaluated whole by every rank.
-* Any other split goes batch by batch through the method's evaluation path (``prepare_eval``,
-  the forward pass, ``eval_prediction``, ``eval_step`` / ``eval_end``) into the task's metrics
+* Any other split goes batch by batch through the method's evaluation path (:class:`EvalStep`:
+  ``prepare_eval``, the forward pass, ``eval_prediction``, ``eval_metrics``) into the task's metrics
   (:meth:`cggm.types.Task.metrics`). Under DDP each rank evaluates its shard (samples ``rank,
   rank + world, ...``, no padding, so each sample counts once) and the metric states are synced
   across ranks, so every rank returns the metrics of the whole split.
@@ -31,7 +31,7 @@ Transform = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 def evaluate(model: nn.Module, method, dataset, task: Task, device: torch.device | str, batch_size: int,
              transform: Transform | None = None, shard: bool = True) -> dict[str, float]:
     """Metrics of ``model`` (through the bound ``method``) on ``dataset``, a dict of floats with
-    ``loss`` and the task's metrics (plus what the method's ``eval_end`` reports).
+    ``loss`` and the task's metrics (plus the method's ``eval_metrics``).
 
     ``transform`` maps each batch's inputs (on ``device``) before ``prepare_eval``. ``shard``:
     under DDP, split the samples across ranks and sync the metrics (every rank must call this);
@@ -46,25 +46,55 @@ def evaluate(model: nn.Module, method, dataset, task: Task, device: torch.device
             return dict(dataset.evaluate(model, method, device, batch_size, **kwargs))
         world = distributed.world_size() if shard else 1
         rank = distributed.rank() if world > 1 else 0
-        tracker = _tracker(task, device, world > 1)
-        method.eval_begin()
+        step = EvalStep(model, method, task, device, sync=world > 1)
         for inputs, masks, target in BatchIterator(dataset, batch_size, shuffle=False, rank=rank, world_size=world,
                                                    pad=False):
             inputs = {m: x.to(device, non_blocking=True) for m, x in inputs.items()}
             masks = {m: v.to(device, non_blocking=True) for m, v in masks.items()}
             target = target.to(device, non_blocking=True)
-            if transform is not None:
-                inputs = transform(inputs)
-            inputs, masks = method.prepare_eval(inputs, masks)
-            out = model(inputs, masks)
-            pred = method.eval_prediction(out)
-            tracker.update(pred, target, task.loss(pred, target))
-            method.eval_step(out, target)
-        metrics = tracker.compute()
-        metrics.update(method.eval_end())
-        return metrics
+            step(inputs if transform is None else transform(inputs), masks, target)
+        return step.compute()
     finally:
         model.train(was_training)
+
+
+class EvalStep:
+    """The one per-batch evaluation sequence (the engine, the Lightning module, BraTS's volumes and
+    the diagnostics all score batches here): the method's ``prepare_eval``, the forward pass, the
+    method's ``eval_prediction`` into the task's metrics (``tracker=False``: none) and the method's
+    own ``eval_metrics``, updated with ``(out, target)``."""
+
+    def __init__(self, model: nn.Module, method, task: Task, device: torch.device | str, sync: bool = False,
+                 tracker: bool = True) -> None:
+        self.model, self.method, self.task = model, method, task
+        self.tracker = _tracker(task, torch.device(device), sync) if tracker else None
+        self.extra = dict(method.eval_metrics())
+        for name, metric in self.extra.items():
+            if hasattr(metric, "to"):
+                self.extra[name] = metric = metric.to(device)
+            metric.reset()
+
+    def __call__(self, inputs, masks, target):
+        """Score one batch; returns the model's output and the scored prediction."""
+        inputs, masks = self.method.prepare_eval(inputs, masks)
+        out = self.model(inputs, masks)
+        pred = self.method.eval_prediction(out)
+        if self.tracker is not None:
+            self.tracker.update(pred, target, self.task.loss(pred, target))
+        for metric in self.extra.values():
+            metric.update(out, target)
+        return out, pred
+
+    def compute(self) -> dict[str, float]:
+        """The task's metrics and the method's own (``name/key`` for a metric that gives a mapping)."""
+        metrics = self.tracker.compute() if self.tracker is not None else {}
+        for name, metric in self.extra.items():
+            value = metric.compute()
+            if isinstance(value, dict):
+                metrics.update({(f"{name}/{k}" if name else k): float(v) for k, v in value.items()})
+            else:
+                metrics[name] = float(value)
+        return metrics
 
 
 _TRACKERS: dict = {}

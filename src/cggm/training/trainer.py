@@ -41,9 +41,10 @@ from torch import nn
 from .. import distributed
 from ..data.base import BatchIterator, DataSplits
 from ..methods.base import EpochContext, Method
+from ..optim import build_optimizer
 from ..types import ModelOutput
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .evaluation import evaluate
+from .evaluation import EvalStep, evaluate
 from .outputs import RunFiles, require_tensorboard, write_json
 from .progress import Progress
 
@@ -277,7 +278,7 @@ class Trainer:
         if distributed.is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" and self.device.index is not None else None
             self.train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=ids, find_unused_parameters=bool(getattr(method, "ddp_find_unused_parameters", False)))
+                model, device_ids=ids, find_unused_parameters=method.support.unused_parameters)
         self.optimizer = self._make_optimizer()
         self.method.set_optimizer(self.optimizer)
         self.scheduler = None
@@ -341,14 +342,8 @@ class Trainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
-        groups = self.method.param_groups(self.model)
-        for g in groups:
-            g["lr"] = c.lr * float(g.pop("lr_scale", 1.0))
-        if c.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        if c.optimizer == "adamw":
-            return torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
-        return torch.optim.Adam(groups, lr=c.lr, weight_decay=c.weight_decay)
+        return build_optimizer(c.optimizer, self.method.param_groups(self.model), c.lr, weight_decay=c.weight_decay,
+                               momentum=c.momentum)
 
     def _make_scheduler(self, steps_per_epoch: int):
         c = self.config
@@ -386,7 +381,7 @@ class Trainer:
         modules it builds on the first batch exist; the model, the method and the random streams are
         left as they were (the method is always probed through a throw-away copy)."""
         evaluates_itself = hasattr(self.data.val, "evaluate")
-        own = type(self.method).eval_end is not Method.eval_end
+        own = bool(self.method.eval_metrics())
         if evaluates_itself and getattr(self.data.val, "metric_names", None) is None:
             return None
         try:
@@ -407,16 +402,9 @@ class Trainer:
                     probe.loss(out, target, self.task.loss(out.prediction, target))
                     probe.skip()
                 with torch.no_grad():
-                    probe.eval_begin()
-                    inputs, masks = probe.prepare_eval(inputs, masks)
-                    out = self.model(inputs, masks)
-                    pred = probe.eval_prediction(out)
-                    probe.eval_step(out, target)
-                    if not evaluates_itself:
-                        tracker = self.task.metrics(device=self.device, sync=False)
-                        tracker.update(pred, target, self.task.loss(pred, target))
-                        names |= set(tracker.compute())
-                    names |= set(probe.eval_end())
+                    step = EvalStep(self.model, probe, self.task, self.device, tracker=not evaluates_itself)
+                    step(inputs, masks, target)
+                    names |= set(step.compute())
         except Exception:  # a method that cannot be probed: the selection metric is checked after epoch 1
             return None
         return names
@@ -540,7 +528,7 @@ class Trainer:
         records: dict[str, list[float]] = {}
         start_epoch, skip = 0, 0
         partial = {"loss_sum": 0.0, "steps": 0, "seconds": 0.0}
-        best_weights = None
+        best_weights = best_method = None
         last = self.last_checkpoint
         state, self._resume_state = self._resume_state, None
         if state is not None:
@@ -564,7 +552,7 @@ class Trainer:
             if skip == 0:
                 # resuming mid-epoch, the method's restored state already holds what its
                 # on_epoch_start computed at the start of this epoch (on the model of that time)
-                self.method.on_epoch_start(self._epoch_context(epoch))
+                self.method.begin_epoch(self._epoch_context(epoch))
             self.model.train()
             t_epoch = time.perf_counter()
             epoch_records: dict[str, list[torch.Tensor]] = {}
@@ -597,7 +585,7 @@ class Trainer:
             self._flush(records, epoch_records)
             seconds = partial["seconds"] + time.perf_counter() - t_epoch
             val = self.evaluate("val")
-            self.method.on_epoch_end(self._epoch_context(epoch, val))
+            self.method.finish_epoch(self._epoch_context(epoch, val))
             if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 self.scheduler.step(val["loss"])
             row = {"epoch": epoch, "train_loss": float(loss_sum) / max(steps, 1), "seconds": seconds,
@@ -610,8 +598,9 @@ class Trainer:
             if best["metric"] is None or (score > best["metric"] if self.select_mode == "max" else score < best["metric"]):
                 best = {"metric": score, "epoch": epoch, "val": val}
                 best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                best_method = copy.deepcopy(self.method.state_dict())  # the selected run is model and method
                 self._save("best.pt", {"fingerprint": self.fingerprint, "epoch": epoch, "model": best_weights,
-                                       "val": val, "method": self.method.state_dict()})
+                                       "val": val, "method": best_method})
             partial = {"loss_sum": 0.0, "steps": 0, "seconds": 0.0}
             self._save("last.pt", self._state(epoch + 1, 0, {"best": best, "history": history, "records": records,
                                                               "partial": partial}))
@@ -620,17 +609,23 @@ class Trainer:
             self._log(self._summary(row))
         # test once, on the checkpoint selected on validation
         if best_weights is None and self.output_dir is not None and (self.output_dir / "best.pt").exists():
-            best_weights = load_checkpoint(self.output_dir / "best.pt")["model"]
+            selected = load_checkpoint(self.output_dir / "best.pt")
+            best_weights, best_method = selected["model"], selected.get("method")
         final_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        final_method = copy.deepcopy(self.method.state_dict())
         if best_weights is not None:
+            # test the selected epoch as a whole: its weights and the method's state of that epoch
+            # (heads, classifiers, statistics), not the last epoch's method state
             self.model.load_state_dict(best_weights)
+            if best_method is not None:
+                self.method.load_state_dict(_to_device(best_method, self.device))
         test = self.evaluate("test")
         seconds = time.perf_counter() - t_start
         result = RunResult(best_epoch=best["epoch"], val=best["val"], test=test, history=history, records=records,
                            skipped_steps=self.skipped_steps, seconds=seconds,
                            seconds_per_epoch=float(np.mean([h["seconds"] for h in history])) if history else 0.0,
                            output_dir=None if self.output_dir is None else str(self.output_dir),
-                           extra={"final_weights": final_weights})
+                           extra={"final_weights": final_weights, "final_method": final_method})
         if self.output_dir is not None and distributed.is_main_process():
             write_json(self.output_dir / "result.json", {k: v for k, v in result.to_json().items() if k != "extra"})
             files.end(history, records)

@@ -301,8 +301,10 @@ class BratsVolumes(_BratsBase):
         diagnostic replaces one sequence by its mean; :func:`cggm.training.evaluation.evaluate`)."""
         was_training = model.training
         model.eval()
+        from ...training.evaluation import EvalStep  # (the one evaluation step; imported here: training imports data)
+
         task = method.task
-        method.eval_begin()
+        step = EvalStep(model, method, task, device, tracker=False)
         per_case = {r: [] for r in REGIONS}
         loss_sum, n_slices = 0.0, 0
         for meta in self.metas:
@@ -314,12 +316,9 @@ class BratsVolumes(_BratsBase):
                 inputs = {m: x[:, k:k + 1] for k, m in enumerate(SEQUENCES)}
                 if transform is not None:
                     inputs = transform(inputs)
-                inputs, masks = method.prepare_eval(inputs, {})
-                out = model(inputs, masks)
-                pred = method.eval_prediction(out)
+                _, pred = step(inputs, {}, y)
                 loss_sum += float(task.loss(pred, y)) * y.shape[0]
                 n_slices += int(y.shape[0])
-                method.eval_step(out, y)
                 truth = _regions_t(y)
                 for r, pr in _regions_t(pred.argmax(dim=1)).items():
                     tr = truth[r]
@@ -333,7 +332,7 @@ class BratsVolumes(_BratsBase):
             out[f"dice_{r}"] = float(np.mean(per_case[r]))
         out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in REGIONS]))
         out["cases"] = float(len(self.metas))
-        out.update(method.eval_end())
+        out.update(step.compute())
         if was_training:
             model.train()
         return out
