@@ -271,3 +271,29 @@ def test_diagnose_shows_the_shapley_contributions(tmp_path, capsys):
     assert d["phi"]["strong"] == pytest.approx(0.5 * (v["strong"] - v["{}"]) + 0.5 * (v["strong+weak"] - v["weak"]))
     assert main(["diagnose", str(out), "--json", str(tmp_path / "e.json"), "--shapley-masking", "off"]) == 0
     assert "Shapley" not in capsys.readouterr().out and "shapley" not in json.loads((tmp_path / "e.json").read_text())
+
+
+def test_bench_report_shows_the_shapley_contributions(tmp_path):
+    import csv
+    import json
+
+    from cggm.cli import main
+
+    out = tmp_path / "report"
+    tiny = ["--set", "dataset.options.n_train=96", "--set", "dataset.options.n_val=40", "--set",
+            "dataset.options.n_test=40", "--set", "train.epochs=1", "--set", "train.batch_size=32"]
+    assert main(["bench", "--datasets", "synthetic", "--methods", "joint", "--seeds", "2", "--report", str(out),
+                 *tiny]) == 0
+    runs = json.loads((out / "bench.json").read_text())["datasets"][0]["runs"]
+    for r in runs:
+        assert set(r["shapley"]) == {"strong", "weak"}
+        assert sum(r["shapley"].values()) == pytest.approx(r["shapley_full"] - r["shapley_empty"], abs=1e-9)
+    md = (out / "report.md").read_text()
+    assert "Shapley contribution of each modality to the fused validation accuracy" in md
+    row = next(line for line in md.splitlines() if line.startswith("| joint |") and "φ" not in line
+               and line.count("±") == 4)  # φ strong, φ weak, v(none), v(all)
+    mean = np.mean([r["shapley"]["strong"] for r in runs])
+    assert row.split(" | ")[1].startswith(f"{mean:.3f} ±")
+    with (out / "summary.csv").open() as f:
+        summary = next(csv.DictReader(f))
+    assert float(summary["shapley_weak"]) == pytest.approx(np.mean([r["shapley"]["weak"] for r in runs]))

@@ -14,6 +14,10 @@ For every run (one dataset, one method, one seed, the same model and budget) it 
   features that is ~0). A large drop means the model relies on that modality; ~0 means it ignores
   it. The replacement goes through the method's own evaluation path (``prepare_eval`` /
   ``eval_prediction``), so methods that predict differently at test time are scored as they are;
+* **Shapley contribution** of each modality to the fused *validation* metric
+  (:func:`cggm.diagnostics.shapley.shapley_contributions`, absent modalities' inputs replaced by
+  their training mean, 2^M evaluations; not computed beyond 10 modalities), with the values of the
+  empty and the full coalition;
 * seconds per training epoch (the engine's timing), reported relative to joint training;
 * summaries of the method's per-step records (e.g. CGGM's classifier metric ``eps/<m>``, the
   magnitude factor ``B/<m>``, the cosines ``cos/<m>`` and ``L_gm``): mean over training and over
@@ -46,6 +50,7 @@ from .data.base import BatchIterator, DataSplits
 from .data.registry import load_dataset
 from .data.stream import input_means
 from .diagnostics.probe import probe_encoders
+from .diagnostics.shapley import MAX_MODALITIES, shapley_contributions
 from .methods.base import UnsupportedSettingError
 from .runner import build_trainer, comparison_options, summarize
 from .training.evaluation import evaluate, replace_inputs
@@ -114,6 +119,8 @@ def run_one(cfg, data: DataSplits, label: str, method: str, options: dict | None
     metric = data.task.headline.name
     result, model, bound = train_one(cfg, data, method, options, seed)
     full, drops = removal_drops(model, bound, data, metric)
+    shapley = (shapley_contributions(model, bound, data, split="val", metric=metric)
+               if len(data.modalities) <= MAX_MODALITIES else None)
     if data.task.kind == "segmentation":  # a linear probe reads vectors; these features are maps
         probes = {m: float("nan") for m in data.modalities}
     else:
@@ -125,6 +132,8 @@ def run_one(cfg, data: DataSplits, label: str, method: str, options: dict | None
     run = {"dataset": data.name, "label": label, "method": method, "options": options or {}, "seed": int(seed),
            "metric": metric, "test": result.test[metric], "test_all": result.test, "removal_full": full,
            "probe": probes, "drop": drops, "seconds_per_epoch": result.seconds_per_epoch,
+           "shapley": shapley.phi if shapley else {}, "shapley_empty": shapley.v_empty if shapley else None,
+           "shapley_full": shapley.v_full if shapley else None,
            "best_epoch": result.best_epoch, "records": record_summary(result.records, steps)}
     if keep_records:
         run["records_full"] = result.records
@@ -218,6 +227,9 @@ def summarize_dataset(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "diff_joint": summarize(diffs) if label != "joint" and diffs else None,
             "probe": {m: summarize([_nan(r["probe"].get(m)) for r in rs]) for m in entry["modalities"]},
             "drop": {m: summarize([r["drop"][m] for r in rs]) for m in entry["modalities"]},
+            "shapley": {m: summarize([_nan(r.get("shapley", {}).get(m)) for r in rs]) for m in entry["modalities"]},
+            "shapley_empty": summarize([_nan(r.get("shapley_empty")) for r in rs]),
+            "shapley_full": summarize([_nan(r.get("shapley_full")) for r in rs]),
             "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in rs])),
             "time_vs_joint": float(np.mean([r["seconds_per_epoch"] for r in rs]) / joint_spe) if joint else float("nan"),
             "records": {k: {s: float(np.nanmean([r["records"][k].get(s, np.nan) for r in rs if k in r["records"]]))
@@ -270,6 +282,7 @@ def dataset_markdown(entry: dict[str, Any], seeds: int | None = None) -> str:
         lines.append("| " + " | ".join(row) + " |")
     for label, why in entry.get("skipped", {}).items():
         lines.append(f"| {label} | skipped: {why.splitlines()[0][:140]} |" + " |" * (len(head) - 2))
+    lines += _shapley_markdown(s, mods, metric)
     # what the joint model leaves on the table, per modality
     uni = {m: s.get(f"unimodal[{m}]") for m in mods}
     if "joint" in s and any(uni.values()):
@@ -291,6 +304,23 @@ def dataset_markdown(entry: dict[str, Any], seeds: int | None = None) -> str:
             cells = [f"{_f(r[k]['mean'])} / {_f(r[k]['last'])}" if k in r else "—" for k in _record_cols(rec, mods)]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _shapley_markdown(s: dict[str, Any], mods: Sequence[str], metric: str) -> list[str]:
+    """The table of each modality's Shapley contribution per method (none if no run has one)."""
+    rows = {label: v for label, v in s.items() if v.get("shapley") and any(x["n"] for x in v["shapley"].values())}
+    if not rows:
+        return []
+    lines = ["", (f"Shapley contribution of each modality to the fused validation {metric} (mean ± std over seeds; "
+             "a modality absent from a coalition has its input replaced by its training mean; the contributions add "
+             "up to v(all) − v(none)" + (", with the sign flipped: positive = lower error" if metric == "mae" else "")
+             + "):"), "",
+             "| method | " + " | ".join(f"φ {m}" for m in mods) + " | v(none) | v(all) |",
+             "|---|" + "---|" * (len(mods) + 2)]
+    for label, v in sorted(rows.items(), key=lambda kv: label_order(kv[0])):
+        cells = [_pm(v["shapley"][m]) for m in mods] + [_pm(v["shapley_empty"]), _pm(v["shapley_full"])]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def label_order(label: str) -> tuple:
@@ -326,7 +356,8 @@ def write_report(bench: dict[str, Any], out_dir: str | Path, title: str = "Bench
     md += [("Columns: test metric of the checkpoint selected on validation; Δ = method − joint on the same seed "
            "(`*`: the 95% interval excludes 0); probe = linear-probe test accuracy of that modality's encoder; "
            "drop = fused metric lost when that modality's input is replaced by its training mean at test time; "
-           "time = seconds per training epoch relative to joint."), ""]
+           "time = seconds per training epoch relative to joint; φ = Shapley contribution of that modality to the fused "
+           "validation metric."), ""]
     for entry in bench["datasets"]:
         md += [dataset_markdown(entry, len(bench["seeds"])), ""]
     paths = {"markdown": out / "report.md", "summary": out / "summary.csv", "runs": out / "runs.csv",
@@ -335,7 +366,8 @@ def write_report(bench: dict[str, Any], out_dir: str | Path, title: str = "Bench
     mods_all = sorted({m for e in bench["datasets"] for m in e["modalities"]})
     with paths["summary"].open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(SUMMARY_FIELDS + [f"probe_{m}" for m in mods_all] + [f"drop_{m}" for m in mods_all])
+        w.writerow(SUMMARY_FIELDS + [f"probe_{m}" for m in mods_all] + [f"drop_{m}" for m in mods_all]
+                   + [f"shapley_{m}" for m in mods_all])
         for e in bench["datasets"]:
             for label, v in e["summary"].items():
                 t, d = v["test"], v["diff_joint"] or {"mean": float("nan"), "ci95": float("nan")}
@@ -343,16 +375,19 @@ def write_report(bench: dict[str, Any], out_dir: str | Path, title: str = "Bench
                             t["mean"] - t["ci95"], t["mean"] + t["ci95"], d["mean"], d["mean"] - d["ci95"],
                             d["mean"] + d["ci95"], v["seconds_per_epoch"], v["time_vs_joint"]]
                            + [v["probe"][m]["mean"] if m in v["probe"] else "" for m in mods_all]
-                           + [v["drop"][m]["mean"] if m in v["drop"] else "" for m in mods_all])
+                           + [v["drop"][m]["mean"] if m in v["drop"] else "" for m in mods_all]
+                           + [v["shapley"][m]["mean"] if m in v.get("shapley", {}) else "" for m in mods_all])
     with paths["runs"].open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["dataset", "label", "method", "seed", "metric", "test", "seconds_per_epoch", "best_epoch"]
-                   + [f"probe_{m}" for m in mods_all] + [f"drop_{m}" for m in mods_all])
+                   + [f"probe_{m}" for m in mods_all] + [f"drop_{m}" for m in mods_all]
+                   + [f"shapley_{m}" for m in mods_all])
         for e in bench["datasets"]:
             for r in e["runs"]:
                 w.writerow([e["name"], r["label"], r["method"], r["seed"], r["metric"], r["test"],
                             r["seconds_per_epoch"], r["best_epoch"]]
-                           + [r["probe"].get(m, "") for m in mods_all] + [r["drop"].get(m, "") for m in mods_all])
+                           + [r["probe"].get(m, "") for m in mods_all] + [r["drop"].get(m, "") for m in mods_all]
+                           + [r.get("shapley", {}).get(m, "") for m in mods_all])
     paths["json"].write_text(json.dumps(bench, indent=1, default=float))
     return paths
 
