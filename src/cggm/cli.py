@@ -155,6 +155,12 @@ def cmd_bench(args) -> int:
     report = bench(cfg, methods, seeds, output=args.output, progress=False)
     print()
     print(format_table(report))
+    if cfg["dataset"]["name"] == "synthetic":  # data that knows its ceiling: exact, from its generator
+        from .runner import load_data
+
+        ceiling = load_data(cfg).bayes_optimal("test")
+        print("Bayes-optimal test accuracy (exact; no method can do better in expectation): "
+              + ", ".join(f"{k} {v:.4f}" for k, v in ceiling.items()))
     if args.output:
         print(f"\nwrote {args.output}")
     return 0

@@ -5,7 +5,10 @@ probe), joint training, CGGM with the robust rule (the default), CGGM with the p
 (without and with the official code's gradient clipping at 0.8) and CGGM with our under-use rule.
 It prints the fused test accuracy and a linear probe of the weak modality's encoder, and
 writes a PNG of each modality's auxiliary-classifier accuracy over training (joint and CGGM) and of
-CGGM's B (joint training applies none, so none is drawn for it).
+CGGM's B (joint training applies none, so none is drawn for it). The table ends with the
+Bayes-optimal row: the best accuracy any classifier can reach in expectation on this data
+(fused), and under the probe the weak modality's own ceiling, computed exactly from the data's
+generator (:meth:`cggm.data.synthetic.SyntheticSplits.bayes_optimal`).
 
 Joint training is run as CGGM with both modulations off: the auxiliary classifiers still train
 on detached features (so their metric can be plotted), but nothing reaches the model, so the
@@ -66,11 +69,13 @@ def run_demo(output_dir: str | Path = "demo_output", seeds: int = 5, epochs: int
                 plots[label] = result.records
             log(f"  {label:<22} seed {seed}: test acc {result.test['accuracy']:.4f}, "
                 f"probe({weak}) {probe[weak]:.4f}")
-    table = format_demo_table(rows, seeds)
+    ceiling = data.bayes_optimal("test")  # exact, from the generator: no method can do better in expectation
+    bayes = {"test accuracy": ceiling["fused"], f"probe {weak}": ceiling[weak]}
+    table = format_demo_table(rows, seeds, bayes=bayes)
     log("")
     log(table)
     summary = {label: {k: summarize(v) for k, v in r.items()} for label, r in rows.items()}
-    (out / "demo.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    (out / "demo.json").write_text(json.dumps({"rows": rows, "summary": summary, "bayes_optimal": ceiling}, indent=1))
     png = None
     try:
         from .diagnostics.plots import save_figure
@@ -96,11 +101,16 @@ def demo_figure(records: dict[str, dict[str, list[float]]], window: int = 25):
                           note="joint training applies no B, so only CGGM's B is drawn")
 
 
-def format_demo_table(rows: dict[str, dict[str, list[float]]], seeds: int) -> str:
+def format_demo_table(rows: dict[str, dict[str, list[float]]], seeds: int,
+                      bayes: dict[str, float] | None = None) -> str:
+    """The demo's table; ``bayes`` (column -> value) adds the Bayes-optimal row: the fused ceiling
+    under test accuracy, the weak modality's own ceiling under its probe."""
     cols = [c for c in next(iter(rows.values())) if c != "seconds"]
     header = ["method"] + [f"{c} (mean +- std over {seeds} seeds)" for c in cols]
     body = []
     for label, r in rows.items():
         body.append([label] + [f"{summarize(r[c])['mean']:.4f} +- {summarize(r[c])['std']:.4f}" for c in cols])
+    if bayes:
+        body.append(["Bayes-optimal (exact)"] + [f"{bayes[c]:.4f}" if c in bayes else "" for c in cols])
     widths = [max(len(x[i]) for x in [header] + body) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths)) for x in [header] + body)

@@ -114,10 +114,15 @@ def run_sweep(imbalances: Sequence[float], methods: Sequence[str], seeds: Sequen
     out.mkdir(parents=True, exist_ok=True)
     cfg = default_config()
     cfg["train"] = {"epochs": int(epochs), "batch_size": 64, "lr": 1e-3}
-    rows = []
+    rows, bayes = [], []
     for imb in imbalances:
         data = load_dataset("synthetic", **{**(dataset_options or {}), "imbalance": float(imb)})
         weak = data.info["weak_modalities"][0]
+        ceiling = data.bayes_optimal("test")  # exact, from the generator (cggm.data.synthetic)
+        bayes.append({"fused": ceiling["fused"], "strong": ceiling[data.info["strong_modality"]],
+                      "weak": ceiling[weak]})
+        log(f"  imbalance {imb:<5} Bayes-optimal test accuracy: fused {bayes[-1]['fused']:.4f}, strong "
+            f"{bayes[-1]['strong']:.4f}, {weak} {bayes[-1]['weak']:.4f}")
         for name in methods:
             for seed in seeds:
                 r = run_one(cfg, data, name, name, {}, seed)
@@ -127,13 +132,19 @@ def run_sweep(imbalances: Sequence[float], methods: Sequence[str], seeds: Sequen
                 log(f"  imbalance {imb:<5} {name:<14} seed {seed}: acc {r['test']:.4f}  probe({weak}) "
                     f"{r['probe'][weak]:.4f}  drop({weak}) {r['drop'][weak]:+.4f}")
     result = {"imbalances": [float(i) for i in imbalances], "methods": list(methods), "seeds": list(seeds),
-              "epochs": epochs, "rows": rows}
+              "epochs": epochs, "rows": rows, "bayes": bayes}
     (out / "sweep.json").write_text(json.dumps(result, indent=1))
     with (out / "sweep.csv").open("w") as f:
         f.write("imbalance,method,seed,accuracy,weak_probe,weak_drop,strong_probe\n")
         for r in rows:
             f.write(f"{r['imbalance']},{r['method']},{r['seed']},{r['accuracy']},{r['weak_probe']},{r['weak_drop']},"
                     f"{r['strong_probe']}\n")
+    if "joint" in methods:
+        from .ceiling import gap_table
+
+        result["gap_table"] = gap_table(result)
+        (out / "sweep_gap.md").write_text(result["gap_table"])
+        log("\n" + result["gap_table"])
     try:
         result["png"] = str(plot_sweep(result, out / "sweep.png"))
     except ImportError as err:
@@ -149,12 +160,26 @@ def sweep_figure(result: dict[str, Any]):
               ("weak_drop", "weak modality: how much the model uses it",
                "fused test accuracy lost when the weak\ninput is replaced by its training mean"),
               ("accuracy", "fused model", "fused test accuracy")]
+    bayes = result.get("bayes")  # the Bayes-optimal ceilings, one dict per imbalance (older sweeps: none)
+    ceilings = {"weak_probe": ("weak", "Bayes-optimal, weak alone"), "accuracy": ("fused", "Bayes-optimal, fused"),
+                "weak_drop": (None, "Bayes-optimal: fused - strong alone")}
+    if bayes and "joint" in result["methods"]:
+        panels.append(("gap_share", "share of joint's gap to the fused ceiling closed",
+                       "(method - joint) / (Bayes - joint), fused accuracy,\npaired by seed: mean and 95% interval"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
     xs = np.asarray(result["imbalances"], dtype=float)
     methods = list(result["methods"])
     span = float(xs.max() - xs.min()) if len(xs) > 1 else 1.0
     for ax, (key, title, ylabel) in zip(axes[0], panels):
-        for i, m in enumerate(methods):
+        if key == "gap_share":
+            from .ceiling import plot_gap_shares
+
+            plot_gap_shares(ax, result, xs, span)
+        elif bayes:
+            which, label = ceilings[key]
+            ys = [b[which] if which else b["fused"] - b["strong"] for b in bayes]
+            ax.plot(xs, ys, "k--", linewidth=1.2, label=label)
+        for i, m in enumerate(methods if key != "gap_share" else ()):
             mean, std = [], []
             for x in result["imbalances"]:
                 v = [r[key] for r in result["rows"] if r["method"] == m and r["imbalance"] == x]
@@ -167,7 +192,12 @@ def sweep_figure(result: dict[str, Any]):
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(methods), 6),
+    for ax in axes[0][1:]:  # the ceilings' lines, once each
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 5),
                fontsize=8, frameon=True)
     seeds, epochs = len(result["seeds"]), result["epochs"]
     fig.suptitle(f"imbalance sweep: mean \u00b1 std over {seeds} seed{'s' * (seeds != 1)}, {epochs} "
@@ -342,6 +372,15 @@ def _interpret(d: dict[str, Any], data) -> tuple[dict[str, str], str]:
               ("- A modality that is informative but has a small drop is under-used by the fused model: balancing "
               "methods (CGGM, OGM-GE, ...) aim to raise its drop and probe. A reference run with `--method "
               "unimodal --set method.options.modality=NAME` says how far it can go alone.")]
+    from .ceiling import bayes_ceiling
+
+    ceiling = bayes_ceiling(data) if metric == "accuracy" else None
+    if ceiling:  # data that knows its Bayes-optimal accuracy (the synthetic benchmark)
+        lines += ["", "Distance to the Bayes-optimal ceiling (exact, from the data's generator, on this test split):",
+                  f"- fused: {d['fused']:.4f} vs {ceiling['fused']:.4f} ({d['fused'] - ceiling['fused']:+.4f})"]
+        lines += [f"- {m} encoder probe: {probes[m]:.4f} vs {m} alone {ceiling[m]:.4f} ({probes[m] - ceiling[m]:+.4f})"
+                  for m in data.modalities if m in ceiling]
+        d["bayes"] = ceiling
     under = [m for m, v in verdict.items() if v in ("under-used", "under-trained encoder")]
     lines.append("")
     lines.append("Verdict: " + (f"the model under-uses {', '.join(under)}." if under else
