@@ -160,8 +160,13 @@ def test_run_benchmark_skips_only_unsupported_settings(monkeypatch):
     assert entry["skipped"] == {"regression_only": "UnsupportedSettingError: Method 'regression_only' supports "
                                                    "tasks ['regression'], not 'classification'."}
     assert [r["label"] for r in entry["runs"]] == ["joint"]
-    with pytest.raises(TypeError, match="a bug in the method"):
-        run_benchmark(cfg, ["synthetic"], ["joint", "buggy"], [0], log=lambda _: None)
+    # any other error is not a skip: the run is recorded as failed, the others go on, and the
+    # benchmark raises at the end naming it (tests/test_bench_failures.py)
+    with pytest.raises(runner.BenchmarkError, match="synthetic buggy seed 0: TypeError: a bug in the method") as err:
+        run_benchmark(cfg, ["synthetic"], ["buggy", "joint"], [0], log=lambda _: None)
+    [entry] = err.value.report["datasets"]
+    assert entry["skipped"] == {} and [r["label"] for r in entry["runs"]] == ["joint"]
+    assert [(f["label"], f["seed"], f["error"]) for f in entry["failed"]] == [("buggy", 0, "TypeError: a bug in the method")]
 
 
 # -- 3. segmentation's headline is mean Dice --------------------------------------------------------

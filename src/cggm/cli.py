@@ -142,7 +142,7 @@ def _maybe_init_distributed() -> bool:
 
 
 def cmd_bench(args) -> int:
-    from .runner import bench, expand_methods, format_table
+    from .runner import BenchmarkError, bench, expand_methods, format_table
 
     cfg = _config(args)
     methods = expand_methods(args.methods)
@@ -152,7 +152,13 @@ def cmd_bench(args) -> int:
     if args.datasets or args.report:
         return _bench_report(args, cfg, methods, seeds)
     print(f"bench: {len(methods)} methods x {len(seeds)} seeds on {cfg['dataset']['name']}", flush=True)
-    report = bench(cfg, methods, seeds, output=args.output, progress=False)
+    try:
+        report = bench(cfg, methods, seeds, output=args.output, progress=False)
+    except BenchmarkError as err:  # the finished runs are shown (and written); the failed ones named
+        print()
+        print(format_table(err.report))
+        print(f"\ncggm bench: error: {err}", file=sys.stderr)
+        return 1
     print()
     print(format_table(report))
     if cfg["dataset"]["name"] == "synthetic":  # data that knows its ceiling: exact, from its generator
@@ -169,11 +175,16 @@ def cmd_bench(args) -> int:
 def _bench_report(args, cfg, methods, seeds) -> int:
     """datasets x methods x seeds with utilization diagnostics, written as Markdown + CSV (cggm.report)."""
     from .report import run_benchmark, write_report
+    from .runner import BenchmarkError
 
     datasets = [d.strip() for d in (args.datasets or cfg["dataset"]["name"]).split(",") if d.strip()]
     out = Path(args.report or "bench_report")
     print(f"bench: {len(datasets)} datasets x {len(methods)} methods x {len(seeds)} seeds -> {out}", flush=True)
-    result = run_benchmark(cfg, datasets, methods, seeds, records_dir=out / "records")
+    try:  # the report is rewritten as each run ends
+        result = run_benchmark(cfg, datasets, methods, seeds, records_dir=out / "records", out_dir=out)
+    except BenchmarkError as err:
+        print(f"\nwrote the finished runs to {out}\ncggm bench: error: {err}", file=sys.stderr)
+        return 1
     paths = write_report(result, out)
     print(f"\nwrote {paths['markdown']}, {paths['summary']}, {paths['runs']} ({result['seconds']:.0f} s)")
     return 0
@@ -265,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common_config_args(p)
     p.add_argument("--methods", default="joint,cggm", help="comma-separated method names, or 'all'")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
-    p.add_argument("--output", default=None, help="JSON file with every run's metrics")
+    p.add_argument("--output", default=None, help="JSON file with every run's metrics, rewritten as each run "
+                   "ends (run again with the same file and settings: its finished runs are kept)")
     p.add_argument("--datasets", default=None, help="comma-separated dataset names: with --report, a "
                    "datasets x methods x seeds report with utilization diagnostics")
     p.add_argument("--report", default=None, metavar="DIR", help="write report.md, summary.csv, runs.csv, "

@@ -34,9 +34,13 @@ its variants run with the configured options they take, every other method with 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,7 +56,7 @@ from .data.stream import input_means
 from .diagnostics.probe import probe_encoders
 from .diagnostics.shapley import MAX_MODALITIES, shapley_contributions
 from .methods.base import UnsupportedSettingError
-from .runner import build_trainer, comparison_options, summarize
+from .runner import BenchmarkError, build_trainer, comparison_options, previous_benchmark, run_failure, summarize
 from .training.evaluation import evaluate, replace_inputs
 from .types import TASK_KINDS, Task
 
@@ -155,20 +159,35 @@ def method_variants(methods: Sequence[str], modalities: Sequence[str]) -> list[t
 
 def run_benchmark(cfg: dict[str, Any], datasets: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
                   dataset_options: dict[str, dict] | None = None, records_dir: str | Path | None = None,
-                  log: Callable[[str], None] = print, method_options: dict[str, dict] | None = None) -> dict[str, Any]:
+                  log: Callable[[str], None] = print, method_options: dict[str, dict] | None = None,
+                  out_dir: str | Path | None = None) -> dict[str, Any]:
     """Every dataset x method x seed with ``cfg``'s model and training budget, each method with its
     options of :func:`cggm.runner.comparison_options` (``method_options[name]`` on top).
 
     A method that refuses a setting (:class:`~cggm.methods.UnsupportedSettingError`, e.g. one built
-    for 2 modalities on 4) is recorded as skipped with its reason, and the rest goes on; any other
-    error is a bug and propagates. ``records_dir`` receives each method's per-step records of the
-    first seed (``<dataset>/<label>.json``) for :func:`cggm.diagnostics.plots`."""
+    for 2 modalities on 4) is recorded as skipped with its reason, and the rest goes on. A run that
+    fails otherwise is recorded in its dataset's ``"failed"`` (label, method, seed, error and
+    traceback), the rest goes on, and :class:`~cggm.runner.BenchmarkError` names the failed runs
+    at the end (its ``report`` holds the finished ones). ``records_dir`` receives each method's
+    per-step records of the first seed (``<dataset>/<label>.json``) for :func:`cggm.diagnostics.plots`.
+
+    With ``out_dir`` the report (:func:`write_report`) is rewritten as each run ends, so an
+    interrupted benchmark keeps its finished runs; run again with the same settings and
+    ``out_dir``, it keeps them (from ``bench.json``) and runs only the others (a ``bench.json`` of
+    other settings is refused)."""
     t0 = time.perf_counter()
     per_method, notes = comparison_options(cfg, methods, method_options)
     for line in notes:
         log(f"options of {line}")
     out = {"config": cfg, "seeds": [int(s) for s in seeds], "methods": list(methods), "method_options": per_method,
            "datasets": []}
+    previous = None
+    if out_dir is not None:
+        previous = previous_benchmark(Path(out_dir) / "bench.json",
+                                      {k: out[k] for k in ("config", "seeds", "methods", "method_options")})
+    kept = {(e["name"], json.dumps(e["options"], sort_keys=True, default=float), r["label"], r["seed"]): r
+            for e in (previous or {}).get("datasets", []) for r in e["runs"]}
+    failed: list[dict[str, Any]] = []
     for ds in datasets:
         opts = dict((dataset_options or {}).get(ds, {}))
         if not opts and cfg.get("dataset", {}).get("name") == ds:
@@ -177,20 +196,37 @@ def run_benchmark(cfg: dict[str, Any], datasets: Sequence[str], methods: Sequenc
         log(f"[{ds}] {data.description}")
         entry = {"name": ds, "options": opts, "description": data.description, "modalities": list(data.modalities),
                  "sizes": {k: len(getattr(data, k)) for k in ("train", "val", "test")}, "runs": [], "skipped": {}}
-        if hasattr(data, "bayes_optimal"):  # data that knows its ceiling (synthetic): exact, on the test split
-            entry["bayes"] = data.bayes_optimal("test")
-            log("  Bayes-optimal test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in entry["bayes"].items()))
+        entry["failed"] = []
         t_ds = time.perf_counter()
+
+        def written(entry=entry, t_ds=t_ds) -> None:  # the report so far, this dataset's runs included
+            if out_dir is not None:
+                now = {**entry, "seconds": time.perf_counter() - t_ds, "summary": summarize_dataset(entry)}
+                write_report({**out, "datasets": out["datasets"] + [now], "seconds": time.perf_counter() - t0},
+                             out_dir)
+
         for label, name, variant in method_variants(methods, data.modalities):
             options = {**per_method.get(name, {}), **variant}
             for seed in seeds:
+                done = kept.get((ds, json.dumps(opts, sort_keys=True, default=float), label, int(seed)))
+                if done is not None:
+                    entry["runs"].append(done)
+                    log(f"  {label:<22} seed {seed}: kept from {Path(out_dir) / 'bench.json'} (finished earlier; "
+                        f"a new report directory runs it again)")
+                    continue
                 keep = records_dir is not None and seed == seeds[0]
                 try:
                     run = run_one(cfg, data, label, name, options, seed, keep_records=keep)
-                except UnsupportedSettingError as err:  # only a refused setting; a bug must not become a row
+                except UnsupportedSettingError as err:  # a refused setting: skipped, not failed
                     entry["skipped"][label] = f"{type(err).__name__}: {err}"
                     log(f"  {label:<22} skipped: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
                     break
+                except Exception as err:  # recorded, named, and raised at the end: the other runs go on
+                    entry["failed"].append(run_failure(err, dataset=ds, label=label, method=name, seed=int(seed)))
+                    failed.append(entry["failed"][-1])
+                    log(f"  {label:<22} seed {seed}: FAILED: {entry['failed'][-1]['error'].splitlines()[0][:160]}")
+                    written()
+                    continue
                 if keep:
                     path = Path(records_dir) / ds / f"{label}.json"
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,10 +238,15 @@ def run_benchmark(cfg: dict[str, Any], datasets: Sequence[str], methods: Sequenc
                     + " ".join(f"{m}={v:.3f}" for m, v in run["probe"].items())
                     + "  drop " + " ".join(f"{m}={v:+.3f}" for m, v in run["drop"].items())
                     + f"  {run['seconds_per_epoch']:.2f}s/ep")
+                written()
         entry["seconds"] = time.perf_counter() - t_ds
         entry["summary"] = summarize_dataset(entry)
         out["datasets"].append(entry)
     out["seconds"] = time.perf_counter() - t0
+    if out_dir is not None:
+        write_report(out, out_dir)
+    if failed:
+        raise BenchmarkError(failed, out, out_dir)
     return out
 
 
@@ -285,11 +326,9 @@ def dataset_markdown(entry: dict[str, Any], seeds: int | None = None) -> str:
         lines.append("| " + " | ".join(row) + " |")
     for label, why in entry.get("skipped", {}).items():
         lines.append(f"| {label} | skipped: {why.splitlines()[0][:140]} |" + " |" * (len(head) - 2))
-    if entry.get("bayes"):  # the best any classifier can do on this data, from its generator
-        b = entry["bayes"]
-        row = ["Bayes-optimal (exact)", f"{b['fused']:.3f}", "—", f"{b['fused'] - s['joint']['test']['mean']:+.3f}"
-               if "joint" in s else "—"] + [f"{b[m]:.3f} (alone)" if m in b else "—" for m in mods]
-        lines.append("| " + " | ".join(row + ["—"] * (len(head) - len(row))) + " |")
+    for f in entry.get("failed", []):
+        lines.append(f"| {f['label']} | FAILED (seed {f['seed']}): {f['error'].splitlines()[0][:140]} |"
+                     + " |" * (len(head) - 2))
     lines += _shapley_markdown(s, mods, metric)
     # what the joint model leaves on the table, per modality
     uni = {m: s.get(f"unimodal[{m}]") for m in mods}
@@ -370,9 +409,9 @@ def write_report(bench: dict[str, Any], out_dir: str | Path, title: str = "Bench
         md += [dataset_markdown(entry, len(bench["seeds"])), ""]
     paths = {"markdown": out / "report.md", "summary": out / "summary.csv", "runs": out / "runs.csv",
              "json": out / "bench.json"}
-    paths["markdown"].write_text("\n".join(md))
+    _write_text(paths["markdown"], "\n".join(md))
     mods_all = sorted({m for e in bench["datasets"] for m in e["modalities"]})
-    with paths["summary"].open("w", newline="") as f:
+    with _text_file(paths["summary"]) as f:
         w = csv.writer(f)
         w.writerow(SUMMARY_FIELDS + [f"probe_{m}" for m in mods_all] + [f"drop_{m}" for m in mods_all]
                    + [f"shapley_{m}" for m in mods_all])
@@ -385,7 +424,7 @@ def write_report(bench: dict[str, Any], out_dir: str | Path, title: str = "Bench
                            + [v["probe"][m]["mean"] if m in v["probe"] else "" for m in mods_all]
                            + [v["drop"][m]["mean"] if m in v["drop"] else "" for m in mods_all]
                            + [v["shapley"][m]["mean"] if m in v.get("shapley", {}) else "" for m in mods_all])
-    with paths["runs"].open("w", newline="") as f:
+    with _text_file(paths["runs"]) as f:
         w = csv.writer(f)
         w.writerow(["dataset", "label", "method", "seed", "metric", "test", "seconds_per_epoch", "best_epoch"]
                    + [f"probe_{m}" for m in mods_all] + [f"drop_{m}" for m in mods_all]
@@ -396,8 +435,30 @@ def write_report(bench: dict[str, Any], out_dir: str | Path, title: str = "Bench
                             r["seconds_per_epoch"], r["best_epoch"]]
                            + [r["probe"].get(m, "") for m in mods_all] + [r["drop"].get(m, "") for m in mods_all]
                            + [r.get("shapley", {}).get(m, "") for m in mods_all])
-    paths["json"].write_text(json.dumps(bench, indent=1, default=float))
+    _write_text(paths["json"], json.dumps(bench, indent=1, default=float))
     return paths
+
+
+@contextlib.contextmanager
+def _text_file(path: Path):
+    """A text file whose content is written to ``path`` atomically when the block ends."""
+    f = io.StringIO(newline="")
+    yield f
+    _write_text(path, f.getvalue())
+
+
+def _write_text(path: Path, text: str) -> None:
+    """``text`` to ``path`` atomically (a temporary file renamed over it): a report being rewritten
+    as runs finish is never seen, or left, half written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def merge_benchmarks(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import traceback
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +18,52 @@ from .config import ConfigError, carry_method_options, resolved_options, same_me
 from .data.registry import load_dataset
 from .methods.registry import build_method, list_methods
 from .models.factory import build_model
+from .training.outputs import write_json
 from .training.trainer import RunResult, TrainConfigError, Trainer, seed_everything
+
+
+class BenchmarkError(RuntimeError):
+    """Some runs of a benchmark failed; every other run was run (and written, if the benchmark
+    writes). ``failed``: one ``{"method", "seed", "error", "traceback"}`` per failed run (with
+    ``"dataset"`` and ``"label"`` in a report); ``report``: the benchmark of the finished runs."""
+
+    def __init__(self, failed: list[dict[str, Any]], report: dict[str, Any], written: str | Path | None = None):
+        self.failed, self.report = list(failed), report
+        lines = [f"  {_run_name(f)}: {f['error'].splitlines()[0] if f['error'] else '?'}" for f in self.failed]
+        where = f"; the finished runs are in {written}" if written is not None else ""
+        super().__init__(f"{len(self.failed)} run{'s' if len(self.failed) != 1 else ''} of the benchmark failed"
+                         f"{where} (run again with the same output to retry only these):\n" + "\n".join(lines))
+
+
+def _run_name(run: dict[str, Any]) -> str:
+    where = f"{run['dataset']} " if "dataset" in run else ""
+    return f"{where}{run.get('label', run['method'])} seed {run['seed']}"
+
+
+def run_failure(err: BaseException, **where: Any) -> dict[str, Any]:
+    """What is kept of a failed run (called inside its ``except``): ``where`` (method, seed, ...),
+    the error as ``"Type: message"`` and its traceback."""
+    return {**where, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+
+
+def previous_benchmark(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The benchmark written at ``path`` by an earlier (finished or interrupted) run with the same
+    ``settings`` (each key compared as JSON), to keep its finished runs; ``None`` if there is none.
+    A file of other settings, or not a benchmark, is refused (:class:`ConfigError`): nothing of it
+    is overwritten."""
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} exists and is not a benchmark written by cggm bench ({err}); use another "
+                          f"output or move that file away.") from err
+    same = json.loads(json.dumps(settings, default=float))
+    diff = [k for k in same if not isinstance(old, dict) or old.get(k) != same[k]]
+    if diff:
+        raise ConfigError(f"{path} holds a benchmark of other settings ({', '.join(diff)} differ), whose finished "
+                          f"runs would be overwritten; use another output, or move that file away to start over.")
+    return old
 
 
 def load_data(cfg: dict[str, Any]):
@@ -155,31 +201,57 @@ def bench(cfg: dict[str, Any], methods: Sequence[str], seeds: Sequence[int], met
     Same data, model, seeds and training budget for every method; method options are per method,
     as :func:`comparison_options` says: the configured method and its variants run with the
     configured options they take, other methods with their own defaults, ``method_options[name]``
-    on top. ``log`` receives one line per method whose options are not simply its defaults."""
+    on top. ``log`` receives one line per method whose options are not simply its defaults.
+
+    ``output`` is rewritten (atomically) as each run ends, so an interrupted benchmark keeps its
+    finished runs; run again with the same settings and ``output``, it keeps them and runs only the
+    others (an ``output`` of other settings is refused). A run that fails is recorded in
+    ``"failed"`` (method, seed, error, traceback) and the others go on; at the end
+    :class:`BenchmarkError` names the failed runs (its ``report`` holds the finished ones)."""
     data = load_data(cfg)
     options, notes = comparison_options(cfg, methods, method_options)
     for line in notes:
         log(f"  options of {line}")
-    runs = []
-    for name in methods:
-        for seed in seeds:
-            run_cfg = {**cfg, "method": {"name": name, "options": options[name]},
-                       "train": {**cfg.get("train", {}), "seed": int(seed)}}
-            result, _ = run_config(run_cfg, data=data, progress=progress)
-            runs.append({"method": name, "options": options[name], "seed": int(seed), "test": result.test,
-                         "val": result.val, "best_epoch": result.best_epoch,
-                         "seconds_per_epoch": result.seconds_per_epoch, "skipped_steps": result.skipped_steps})
-            log(f"  {name:<16} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.test.items()
-                                                          if k in data.task.summary_metrics))
-    metric_names = [k for k in runs[0]["test"] if k != "loss"] if runs else []
-    summary = {name: {k: summarize([r["test"].get(k, float("nan")) for r in runs if r["method"] == name])
-                      for k in metric_names} for name in methods}
-    report = {"dataset": data.name, "description": data.description, "task": data.task.kind, "methods": list(methods),
-              "seeds": list(seeds), "config": cfg, "method_options": options, "runs": runs, "summary": summary}
+    settings = {"dataset": data.name, "config": cfg, "method_options": options}
+    previous = previous_benchmark(Path(output), settings) if output is not None else None
+    kept = {(r["method"], r["seed"]): r for r in (previous or {}).get("runs", [])}
+    runs, failed = [], []
+
+    def report() -> dict[str, Any]:
+        metric_names = [k for k in runs[0]["test"] if k != "loss"] if runs else []
+        summary = {name: {k: summarize([r["test"].get(k, float("nan")) for r in runs if r["method"] == name])
+                          for k in metric_names} for name in methods}
+        return {"dataset": data.name, "description": data.description, "task": data.task.kind,
+                "methods": list(methods), "seeds": list(seeds), "config": cfg, "method_options": options,
+                "runs": runs, "failed": failed, "summary": summary}
+
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(report, indent=1, default=float))
-    return report
+    for name in methods:
+        for seed in seeds:
+            if (name, int(seed)) in kept:
+                runs.append(kept[(name, int(seed))])
+                log(f"  {name:<16} seed {seed}: kept from {output} (finished earlier; a new output runs it again)")
+                continue
+            run_cfg = {**cfg, "method": {"name": name, "options": options[name]},
+                       "train": {**cfg.get("train", {}), "seed": int(seed)}}
+            try:
+                result, _ = run_config(run_cfg, data=data, progress=progress)
+            except Exception as err:  # recorded, named, and raised at the end: the other runs go on
+                failed.append(run_failure(err, method=name, options=options[name], seed=int(seed)))
+                log(f"  {name:<16} seed {seed}: FAILED: {failed[-1]['error'].splitlines()[0]}")
+            else:
+                runs.append({"method": name, "options": options[name], "seed": int(seed), "test": result.test,
+                             "val": result.val, "best_epoch": result.best_epoch,
+                             "seconds_per_epoch": result.seconds_per_epoch, "skipped_steps": result.skipped_steps})
+                log(f"  {name:<16} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.test.items()
+                                                              if k in data.task.summary_metrics))
+            if output is not None:
+                write_json(Path(output), report())
+    out = report()
+    if failed:
+        raise BenchmarkError(failed, out, output)
+    return out
 
 
 def format_table(report: dict[str, Any], metrics: Sequence[str] | None = None) -> str:
@@ -192,7 +264,10 @@ def format_table(report: dict[str, Any], metrics: Sequence[str] | None = None) -
                                            "dice_mean") if m in first])
     n = len(report["seeds"])
     header = ["method"] + [f"{m} (mean +- std, n={n})" for m in metrics]
-    rows = [[name] + [f"{s[m]['mean']:.4f} +- {s[m]['std']:.4f}" for m in metrics] for name, s in summary.items()]
+    # (a method with fewer finished runs than seeds, e.g. a failed run, says how many it has)
+    cell = lambda s: ("- (no finished run)" if s["n"] == 0 else f"{s['mean']:.4f} +- {s['std']:.4f}"  # noqa: E731
+                      + (f" (n={s['n']})" if 0 < s["n"] != n else ""))
+    rows = [[name] + [cell(s[m]) for m in metrics] for name, s in summary.items()]
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
