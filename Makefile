@@ -16,7 +16,7 @@ $(PY):
 
 $(STAMP): pyproject.toml Makefile scripts/fetch_datasets.py | $(PY)
 	$(PIP) install --quiet --disable-pip-version-check "$(TORCH_SPEC)" $(PIP_EXTRA)
-	$(PIP) install --quiet --disable-pip-version-check -e ".[dev,cli,plots,datasets,paper,features,lightning,accelerate]"
+	$(PIP) install --quiet --disable-pip-version-check -e ".[dev,cli,plots,datasets,paper,features,lightning,accelerate,tensorboard]"
 	$(PY) scripts/fetch_datasets.py
 	touch $(STAMP)
 

@@ -85,3 +85,11 @@ def test_readme_links_are_absolute():
         if t.startswith(repo + "/blob/") or t.startswith(repo + "/tree/"):
             path = t[len(repo) + 1:].split("/", 2)[2].split("#")[0]
             assert (ROOT / path).exists(), f"README links to {t}, but {path} is not in the repository"
+
+
+def test_make_install_installs_every_extra():
+    """`make test` on a clean clone runs every test: no test is skipped for an extra that `make
+    install` leaves out (the TensorBoard test was)."""
+    [extras] = re.findall(r'-e "\.\[([^\]]+)\]"', (ROOT / "Makefile").read_text())
+    missing = set(_pyproject()["project"]["optional-dependencies"]) - set(extras.split(","))
+    assert not missing, f"make install leaves out the extras {sorted(missing)}: add them to the Makefile's -e line"
