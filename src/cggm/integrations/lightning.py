@@ -49,8 +49,10 @@ from torch import Tensor, nn
 from .._optional import require
 from ..data.base import BatchIterator, collate
 from ..methods.base import EpochContext, Method
+from ..methods.protocol import _observed
 from ..optim import build_optimizer
 from ..training.evaluation import EvalStep
+from ..training.step import NonFiniteError, train_step
 from ..training.trainer import _to_device  # a method's saved state onto the device, optimizer states left as they are
 from ..types import ModelOutput, Task
 
@@ -59,10 +61,6 @@ import lightning.pytorch as pl  # noqa: E402
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 CHECKPOINT_KEY = "cggm"
-
-
-class NonFiniteError(RuntimeError):
-    """A training step produced a NaN or inf loss or gradient (``on_nonfinite="stop"``)."""
 
 
 class MethodModule(pl.LightningModule):
@@ -111,7 +109,7 @@ class MethodModule(pl.LightningModule):
         self.skipped_steps = 0
         self._pending: dict[str, Any] | None = None  # a loaded checkpoint's cggm state, applied on the model's device
         self._pending_rng: dict[str, Any] | None = None
-        self._eval: EvalStep | None = None
+        self._evals: dict[int, EvalStep] = {}
         self._epoch_ended = -1
 
     # -- model and optimizer ---------------------------------------------------------------------
@@ -138,66 +136,38 @@ class MethodModule(pl.LightningModule):
         inner = getattr(opt, "optimizer", opt)  # the torch optimizer a LightningOptimizer wraps
         if self.method.optimizer is not inner:
             self.method.set_optimizer(inner)  # CGGM chooses where B acts from it
-        inputs, masks, target = batch
-        self.method.reset_records()
-        inputs, masks = self.method.prepare(inputs, masks)
-        out = self.model(inputs, masks)
-        loss = self.method.loss(out, target, self.task.loss(out.prediction, target))
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)  # -> precision plugin -> self.backward -> method.backward
         scaler = self._scaler()
-        checks = [loss.detach().float().reshape(())]
-        if scaler is None or self.gradient_clip_val is not None:
-            if scaler is not None:
-                scaler.unscale_(inner)  # clip true gradients; GradScaler.step does not unscale twice
-            checks.append(self._clip_or_norm())
-        # (under fp16 without clipping, the scaler checks the gradients and skips the step itself)
-        if not bool(torch.isfinite(torch.stack(checks)).all()):  # one host synchronisation, as the engine
-            self.method.skip()
-            opt.zero_grad(set_to_none=True)
-            where = (f"step {self.method.global_step} (epoch {self.current_epoch}, batch {batch_idx}): "
-                     + ", ".join(f"{n}={float(v):.4g}" for n, v in zip(("loss", "gradient norm"), checks)))
-            if self.on_nonfinite == "stop":
-                raise NonFiniteError(f"Training diverged at {where}. Lower the learning rate, set gradient_clip_val, "
-                                     f"or on_nonfinite='skip'.")
+        before, after = getattr(opt, "_on_before_step", None), getattr(opt, "_on_after_step", None)
+
+        def scaled_step() -> bool:
+            # fp16: the model's optimizer and the method's own ones step through the scaler before
+            # scaler.update(); Lightning's step hooks run around it, as with opt.step()
+            if before is not None:
+                before()
+            return _observed(inner, lambda: scaler.step(inner))
+
+        try:
+            result = train_step(self.method, opt, batch, forward=self.model, scaler=scaler,
+                                clip_grad_norm=self.gradient_clip_val, backward=self.manual_backward,
+                                step_optimizer=scaled_step if scaler is not None else opt,
+                                on_nonfinite=self.on_nonfinite, where=f" (epoch {self.current_epoch}, batch {batch_idx})")
+        except NonFiniteError as err:
+            raise NonFiniteError(f"{err} Lower the learning rate, set gradient_clip_val, or on_nonfinite='skip'.") from None
+        if result.skipped:
             self.skipped_steps += 1
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
             return None
-        if scaler is None:
-            self.method.step(opt)
-        else:
-            self._scaled_step(opt, inner, scaler)
-        n = int(target.shape[0])
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        if scaler is not None and after is not None:
+            after()
+        n = int(batch[2].shape[0])
+        self.log("train/loss", result.loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         records = self.method.records()
         if records:
             self.log_dict({f"train/{k}": v for k, v in records.items()}, on_step=True, on_epoch=False, batch_size=n)
-        return loss.detach()
+        return result.loss
 
     def _scaler(self) -> Any:
         return getattr(self.trainer.precision_plugin, "scaler", None)
-
-    def _clip_or_norm(self) -> Tensor:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if not params:
-            return torch.zeros((), device=self.device)
-        if self.gradient_clip_val is not None:
-            return torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val).float()
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
-
-    def _scaled_step(self, opt: Any, inner: torch.optim.Optimizer, scaler: Any) -> bool:
-        """fp16 with a GradScaler: the model's optimizer and the method's own ones step through the
-        scaler before ``scaler.update()``; Lightning's step count advances as with ``opt.step()``."""
-        before, after = getattr(opt, "_on_before_step", None), getattr(opt, "_on_after_step", None)
-        if before is not None:
-            before()
-        try:
-            taken = self.method.step(inner, scaler=scaler)
-            scaler.update()
-        finally:
-            if after is not None:
-                after()
-        return taken
 
     # -- epochs ------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -246,7 +216,7 @@ class MethodModule(pl.LightningModule):
         self._eval_begin()
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch)
+        self._eval_step(batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._eval_end("val")
@@ -260,7 +230,7 @@ class MethodModule(pl.LightningModule):
         self._eval_begin()
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch)
+        self._eval_step(batch, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
         self._eval_end("test")
@@ -273,15 +243,26 @@ class MethodModule(pl.LightningModule):
 
     def _eval_begin(self) -> None:
         self._apply_pending()
-        self._eval = EvalStep(self.model, self.method, self.task, self.device, sync=False)
+        self._evals: dict[int, EvalStep] = {}
 
-    def _eval_step(self, batch: Any) -> None:
-        self._eval(*batch)
+    def _eval_step(self, batch: Any, dataloader_idx: int = 0) -> None:
+        if dataloader_idx not in self._evals:  # each loader scored on its own, never pooled
+            self._evals[dataloader_idx] = EvalStep(self.model, self.method, self.task, self.device, sync=False)
+        self._evals[dataloader_idx](*batch)
 
     def _eval_end(self, prefix: str) -> dict[str, float]:
-        metrics = self._eval.compute()
-        self.log_dict({f"{prefix}/{k}": float(v) for k, v in metrics.items()}, prog_bar=False)
-        return metrics
+        """Log each loader's metrics (the first's as ``val/<name>``, loader i's as
+        ``val/<name>/dataloader_idx_<i>``, Lightning's convention); the first loader's are returned (the
+        validation split the method's epoch hook and checkpoint selection see)."""
+        first: dict[str, float] = {}
+        for idx, step in sorted(self._evals.items()):
+            metrics = step.compute()
+            suffix = "" if idx == 0 else f"/dataloader_idx_{idx}"
+            self.log_dict({f"{prefix}/{k}{suffix}": float(v) for k, v in metrics.items()}, prog_bar=False,
+                          add_dataloader_idx=False)
+            if idx == 0:
+                first = metrics
+        return first
 
     # -- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -42,15 +42,11 @@ from .. import distributed
 from ..data.base import BatchIterator, DataSplits
 from ..methods.base import EpochContext, Method
 from ..optim import build_optimizer
-from ..types import ModelOutput
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .evaluation import EvalStep, evaluate
 from .outputs import RunFiles, require_tensorboard, write_json
 from .progress import Progress
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced a NaN or inf loss or gradient."""
+from .step import NonFiniteError, train_step
 
 
 class TrainConfigError(ValueError):
@@ -633,42 +629,19 @@ class Trainer:
 
     def _train_step(self, inputs, masks, target, epoch: int, batch_index: int, last) -> torch.Tensor | None:
         c = self.config
-        self.method.reset_records()
-        inputs, masks = self.method.prepare(inputs, masks)
-        out: ModelOutput = self.train_model(inputs, masks)
-        task_loss = self.task.loss(out.prediction, target)
-        loss = self.method.loss(out, target, task_loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.method.backward(loss)  # gradient edits (B, noise, ...) happen here, so they are clipped and checked
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if c.clip_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad_norm)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss.new_zeros(())
-        # the loss and gradient norm of the global batch (the norm is already the same on every
-        # rank after DDP's all-reduce; a rank's non-finite loss makes the sum non-finite everywhere,
-        # so every rank takes the same decision)
-        check = torch.stack([loss.detach().float().reshape(()), norm.detach().float().reshape(())])
-        if self.world > 1:
-            check = distributed.all_reduce_sum(check) / self.world
-        loss = check[0]
-        finite = bool(torch.isfinite(check).all())  # the one host sync of a step
-        if not finite:
-            where = (f"step {self.method.global_step} (epoch {epoch}, batch {batch_index}): loss={float(check[0]):.4g}, "
-                     f"gradient norm={float(check[1]):.4g}")
-            if c.on_nonfinite == "skip":
-                # nothing moves: not the model, not the method's classifiers, heads or statistics
-                self.method.skip()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.skipped_steps += 1
-                self._log(f"skipped non-finite {where} (skipped so far: {self.skipped_steps})")
-                return None
-            self.method.skip()
+        try:
+            result = train_step(self.method, self.optimizer, (inputs, masks, target), forward=self.train_model,
+                                clip_grad_norm=c.clip_grad_norm, on_nonfinite=c.on_nonfinite,
+                                where=f" (epoch {epoch}, batch {batch_index})")
+        except NonFiniteError as err:
             kept = f" The last good checkpoint is kept at {last}." if last is not None and last.exists() else ""
-            raise NonFiniteError(f"Training diverged at {where}.{kept} Lower the learning rate, enable "
-                                 f"clip_grad_norm, or set on_nonfinite='skip'.")
-        self.method.step(self.optimizer)
-        return loss
+            raise NonFiniteError(f"{err}{kept} Lower the learning rate, enable clip_grad_norm, or set "
+                                 f"on_nonfinite='skip'.") from None
+        if result.skipped:
+            self.skipped_steps += 1
+            self._log(f"skipped non-finite {result.message} (skipped so far: {self.skipped_steps})")
+            return None
+        return result.loss
 
     @staticmethod
     def _flush(records: dict[str, list[float]], epoch_records: dict[str, list[torch.Tensor]]) -> None:
