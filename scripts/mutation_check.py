@@ -20,6 +20,8 @@ shutil.copytree(ROOT / "tests", MUT / "tests")
 TESTS = ["tests/test_equations.py", "tests/test_trust.py", "tests/test_one_backward.py", "tests/methods",
          "tests/test_engine.py", "tests/test_bayes.py", "-k", "not 100k"]
 MUTANTS = {
+ "mmcosine: class weights not normalised": ("cggm/methods/mmcosine.py",
+   "F.normalize(h, dim=1) @ F.normalize(w, dim=1).t()", "F.normalize(h, dim=1) @ w.t()"),
  "weights for gradients (A1) in the direction term": ("cggm/methods/cggm.py",
    "        cos = F.cosine_similarity(g_F.reshape(1, -1), G, dim=1)",
    "        cos = F.cosine_similarity(W_F.reshape(1, -1), torch.stack([w.reshape(-1) for w in last]), dim=1)"),
