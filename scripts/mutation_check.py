@@ -17,9 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 MUT = Path(tempfile.mkdtemp(prefix="cggm-mutants-"))
 shutil.copytree(ROOT / "tests", MUT / "tests")
-TESTS = ["tests/test_equations.py", "tests/test_trust.py", "tests/test_one_backward.py", "tests/methods",
+TESTS = ["tests/test_shapley.py", "tests/test_equations.py", "tests/test_trust.py", "tests/test_one_backward.py", "tests/methods",
          "tests/test_engine.py", "tests/test_bayes.py", "-k", "not 100k"]
 MUTANTS = {
+ "Shapley: uniform weights instead of |S|!(M-|S|-1)!/M!": ("cggm/diagnostics/shapley.py",
+   "weight = math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n)", "weight = 1 / 2 ** (n - 1)"),
+ "Shapley: marginals along one order of the modalities": ("cggm/diagnostics/shapley.py",
+   "        phi[m] = total",
+   "        phi[m] = values[frozenset(players[:players.index(m) + 1])] - values[frozenset(players[:players.index(m)])]"),
+ "Shapley: v(S) not subtracted": ("cggm/diagnostics/shapley.py",
+   "total += weight * (values[coalition | {m}] - values[coalition])", "total += weight * values[coalition | {m}]"),
+ "Shapley: feature masking masks nothing": ("cggm/diagnostics/shapley.py",
+   "features = [h if m in self.keep else", "features = [h if True else"),
  "mmcosine: class weights not normalised": ("cggm/methods/mmcosine.py",
    "F.normalize(h, dim=1) @ F.normalize(w, dim=1).t()", "F.normalize(h, dim=1) @ w.t()"),
  "weights for gradients (A1) in the direction term": ("cggm/methods/cggm.py",
