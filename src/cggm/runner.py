@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import traceback
 from collections.abc import Sequence
 from dataclasses import replace
@@ -13,12 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
 from ._optional import require
 from .config import ConfigError, carry_method_options, resolved_options, same_method, train_config
 from .data.registry import load_dataset
 from .methods.registry import build_method, list_methods
 from .models.factory import build_model
-from .training.outputs import write_json
+from .training.outputs import set_aside_run, write_json
 from .training.trainer import RunResult, TrainConfigError, Trainer, seed_everything
 
 
@@ -80,7 +82,9 @@ def run_config(cfg: dict[str, Any], data=None, output_dir: str | Path | None = N
 def build_trainer(cfg: dict[str, Any], data=None, output_dir: str | Path | None = None, device: str | None = None,
                   resume: bool = True, progress: bool = True) -> Trainer:
     """Data, model, method and engine of one configured run, every input checked (and a checkpoint
-    to resume read and checked) before anything is trained or written; ``.fit()`` runs it.
+    to resume read and checked) before anything is trained or written; ``.fit()`` runs it. With
+    ``resume=False`` the files of an earlier run in ``output_dir`` are then moved into
+    ``output_dir/previous-<UTC time>/`` (:func:`cggm.training.outputs.set_aside_run`; one line on stderr says so).
 
     A checkpoint is resumed only if it was written with the same data (dataset name and options),
     model (architecture and options), method (name and options) and training settings (see
@@ -94,9 +98,17 @@ def build_trainer(cfg: dict[str, Any], data=None, output_dir: str | Path | None 
     method = build_method(cfg["method"]["name"], **cfg["method"].get("options", {}))
     fingerprint = {"arch": cfg["model"]["arch"], **settings_fingerprint(cfg)}
     try:
-        return Trainer(model, method, data, tc, output_dir=output_dir, resume=resume, fingerprint=fingerprint)
+        trainer = Trainer(model, method, data, tc, output_dir=output_dir, resume=resume, fingerprint=fingerprint)
     except TrainConfigError as err:  # the settings that need the data, the model and the method (select_metric)
         raise ConfigError([f"train.{msg}" for _, msg in err.problems]) from err
+    if not resume and output_dir is not None and distributed.is_main_process():
+        # starting over: the earlier run's files go aside first, so that the folder never mixes two
+        # runs (a new run that fails would leave its config next to the old checkpoints)
+        moved = set_aside_run(output_dir)
+        if moved is not None:
+            print(f"starting over in {output_dir}: moved the earlier run's files ({', '.join(moved[1])}) to "
+                  f"{moved[0]}", file=sys.stderr, flush=True)
+    return trainer
 
 
 def settings_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:

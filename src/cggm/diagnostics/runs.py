@@ -272,8 +272,8 @@ def diagnose(run_dir: str | Path, data_path: str | None = None, device: str = "c
     from ..methods.registry import build_method
     from ..models.factory import build_model
     from ..report import removal_drops
-    from ..runner import load_data
-    from ..training.checkpoint import load_checkpoint
+    from ..runner import load_data, settings_fingerprint
+    from ..training.checkpoint import CheckpointError, load_checkpoint, settings_changes
     from .probe import probe_encoders
 
     run_dir = Path(run_dir)
@@ -292,6 +292,17 @@ def diagnose(run_dir: str | Path, data_path: str | None = None, device: str = "c
         raise DataError(f"diagnose supports classification and regression, not {data.task.kind}.")
     model = build_model(cfg["model"]["arch"], data.input_shapes, data.task, **cfg["model"].get("options", {}))
     state = load_checkpoint(run_dir / "best.pt")
+    # a folder whose config.yaml and best.pt come from two runs would describe one run's model
+    # under the other's name: refused
+    have = state.get("fingerprint") or {}
+    want = {"method": cfg["method"]["name"], "arch": cfg["model"]["arch"],
+            **{k: v for k, v in settings_fingerprint(cfg).items() if k != "dataset.options"}}
+    changes = settings_changes(have, {k: v for k, v in want.items() if k in have})
+    if changes:
+        raise CheckpointError(
+            f"{run_dir} mixes two runs: its config.yaml and best.pt disagree ({'; '.join(changes[:4])}: best.pt's "
+            f"value -> config.yaml's). Diagnose the folder of one run: retrain it with `cggm train --output DIR`, "
+            f"or put back the files of one run (`cggm train --no-resume` moves an earlier run to DIR/previous-*).")
     model.load_state_dict(state["model"])
     model.to(device)
     method = build_method(cfg["method"]["name"], **cfg["method"].get("options", {})).bind(model, data.task,

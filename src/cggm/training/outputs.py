@@ -15,6 +15,10 @@
     epoch number) and the per-step records (step = their index), written at each epoch end.
 
 JSON files are written atomically (a temporary file renamed over the target).
+
+A run that starts over in a folder holding another run's files (``resume=False``, ``cggm train
+--no-resume``) first moves them into ``previous-<UTC time>/`` there (:func:`set_aside_run`), so a
+folder never mixes two runs (and nothing of the earlier one is lost).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,30 @@ def write_json(path: Path, obj: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+#: what a run writes in its output folder (the engine, ``cggm train``'s config.yaml and ``cggm plot``'s figures)
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "history.json", "records.json", "result.json", "config.yaml",
+             "tensorboard", "records_*.png")
+
+
+def set_aside_run(output_dir: str | Path) -> tuple[Path, list[str]] | None:
+    """Move the files of the run in ``output_dir`` (:data:`RUN_FILES`; other files stay) into a new
+    folder ``output_dir/previous-<UTC time>/``; returns that folder and the names moved, or ``None``
+    when there was nothing to move."""
+    output_dir = Path(output_dir)
+    found = sorted({p for pattern in RUN_FILES for p in output_dir.glob(pattern)}) if output_dir.is_dir() else []
+    if not found:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest, n = output_dir / f"previous-{stamp}", 1
+    while dest.exists():
+        n += 1
+        dest = output_dir / f"previous-{stamp}-{n}"
+    dest.mkdir()
+    for p in found:
+        os.replace(p, dest / p.name)
+    return dest, [p.name for p in found]
 
 
 def require_tensorboard() -> None:
