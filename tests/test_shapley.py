@@ -19,6 +19,7 @@ from cggm import ModelOutput, Task, build_model
 from cggm.data import load_dataset
 from cggm.data.base import DataSplits, MultimodalDataset
 from cggm.diagnostics import shapley_contributions, shapley_values
+from cggm.diagnostics.shapley import MASKINGS
 from cggm.methods import build_method
 
 CLS2 = Task("classification", num_outputs=2)
@@ -297,3 +298,13 @@ def test_bench_report_shows_the_shapley_contributions(tmp_path):
     with (out / "summary.csv").open() as f:
         summary = next(csv.DictReader(f))
     assert float(summary["shapley_weak"]) == pytest.approx(np.mean([r["shapley"]["weak"] for r in runs]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_follows_the_model_to_cuda():
+    data = _split(HAND_VOTES, HAND_TARGET)  # on the host; the model on the device
+    model = ScoreModel({"a": 3.0, "b": 2.0, "c": 2.0}).to("cuda")
+    for masking in MASKINGS:
+        fill = {m: torch.zeros(1, 1) for m in "abc"} if masking == "mean" else None
+        res = shapley_contributions(model, None, data, CLS2, masking=masking, fill=fill)
+        assert res.phi == pytest.approx(HAND_PHI, abs=1e-12)
