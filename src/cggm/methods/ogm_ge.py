@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -13,6 +10,7 @@ from ..types import ModelOutput
 from ._common import in_window, others_mean, predict_only, true_class_prob
 from .base import Method, Support
 from .registry import register_method
+from .state import SeededGenerator
 
 
 def ogm_coefficients(scores: Tensor, alpha: float, offset: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -49,14 +47,16 @@ class OGMGE(Method):
     Deviation from the authors' code: it modulates only 4-D (conv) weights found by name; here
     every trainable parameter of the encoder (``model.modality_parameters()``) is modulated.
     Scores are summed over DDP ranks, so every rank applies the same k; the noise comes from the
-    method's own generator, seeded identically on every rank (``seed``, default: the process's
-    torch seed, ``torch.initial_seed()``, taken from rank 0), so the replicas stay identical; its
-    state is saved with the method and restored when a step is skipped.
+    method's own generator (a declared :class:`~cggm.methods.state.SeededGenerator`), seeded
+    identically on every rank (``seed``, default: the process's torch seed, ``torch.initial_seed()``,
+    taken from rank 0), so the replicas stay identical; its state is saved with the method and
+    rewound when a step is skipped.
     Records ``ratio/<m>`` and ``k/<m>``.
     """
 
     name = "ogm_ge"
-    support = Support(tasks=("classification",), needs="a model that declares modality_parameters()")
+    support = Support(tasks=("classification",), needs="a model that declares modality_parameters()",
+                      edits_gradients=True)
 
     def __init__(self, alpha: float = 0.8, noise: bool = True, start_epoch: int = 0, end_epoch: int | None = None,
                  offset: float = 0.0, seed: int | None = None) -> None:
@@ -66,23 +66,11 @@ class OGMGE(Method):
         self.alpha, self.noise, self.offset = float(alpha), bool(noise), float(offset)
         self.start_epoch, self.end_epoch = int(start_epoch), end_epoch
         self.seed = seed
-        self.k: Tensor | None = None  # this step's coefficients (staged by compute_loss)
-        self.generator: torch.Generator | None = None
-        self._generator_state: Tensor | None = None  # saved or loaded state, applied when built
-        self._before_noise: Tensor | None = None
+        self.k: Tensor | None = None  # this step's coefficients, set by compute_loss every step
+        self.add_state("noise_generator", SeededGenerator(seed))
 
     def setup(self) -> None:
         self.modality_parameter_groups()
-
-    def _noise_generator(self, device: torch.device) -> torch.Generator:
-        if self.generator is None or self.generator.device != device:
-            seed = self.seed if self.seed is not None else distributed.broadcast_object(torch.initial_seed())
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(int(seed) % 2**63)
-            if self._generator_state is not None:
-                self.generator.set_state(self._generator_state.cpu())
-                self._generator_state = None
-        return self.generator
 
     def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         with torch.no_grad():
@@ -107,34 +95,13 @@ class OGMGE(Method):
                     g = p.grad
                     k = self.k[i].to(device=g.device, dtype=g.dtype)
                     if self.noise:
-                        gen = self._noise_generator(g.device)
-                        if self._before_noise is None:
-                            self._before_noise = gen.get_state()
+                        gen = self.noise_generator.get(g.device)
                         std = g.std() if g.numel() > 1 else torch.zeros((), device=g.device, dtype=g.dtype)
                         std = torch.nan_to_num(std) + 1e-8
                         noise = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
                         p.grad = g * k + noise * std
                     else:
                         p.grad = g * k
-
-    def commit(self, scaler=None) -> None:
-        self.k, self._before_noise = None, None
-
-    def discard(self) -> None:
-        if self._before_noise is not None:
-            self.generator.set_state(self._before_noise)
-        self.k, self._before_noise = None, None
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        gen = self.generator.get_state() if self.generator is not None else self._generator_state
-        state["noise_generator"] = gen
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        gen = state.get("noise_generator")
-        self.generator, self._generator_state = None, (None if gen is None else gen.cpu())
 
 
 @register_method("ogm")
