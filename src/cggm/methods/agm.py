@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -97,9 +95,8 @@ class AGM(Method):
             raise ValueError(f"AGM alpha must be >= 0, got {alpha}.")
         self.alpha, self.clamp = float(alpha), float(clamp)
         self.start_epoch, self.end_epoch = int(start_epoch), end_epoch
-        self.running: Tensor | None = None
-        self.count = 0
-        self._staged_scores: list[Tensor] = []
+        self.add_state("running", None)  # running mean of the scores (a tensor once a step is taken)
+        self.add_state("count", 0)
 
     def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         M = len(self.modalities)
@@ -113,7 +110,7 @@ class AGM(Method):
             scores = distributed.weighted_mean(scores, target.shape[0])
             running = torch.zeros_like(scores) if self.running is None else self.running.to(scores.device)
             r, eta, k = agm_coefficients(scores, running, self.alpha, self.clamp)
-        self._staged_scores.append(scores)
+        self.stage("scores", scores)
         for i, m in enumerate(self.modalities):
             self.record(f"k/{m}", k[i])
             self.record(f"r/{m}", r[i])
@@ -122,22 +119,9 @@ class AGM(Method):
             self.scale_feature_gradients(out, k)
         return task_loss
 
-    def commit(self, scaler=None) -> None:
+    def on_step_taken(self) -> None:
         """The running mean of the scores advances once per step taken (by the step's mean score)."""
-        scores = torch.stack(self._staged_scores).mean(0)
-        self._staged_scores = []
+        scores = self.staged("scores")
         running = torch.zeros_like(scores) if self.running is None else self.running.to(scores.device)
         self.count += 1
         self.running = running * (self.count - 1) / self.count + scores / self.count
-
-    def discard(self) -> None:
-        self._staged_scores = []
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(running=self.running, count=self.count)
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.running, self.count = state.get("running"), int(state.get("count", 0))

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -45,8 +42,8 @@ class Greedy(Method):
     """
 
     name = "greedy"
-    ddp_find_unused_parameters = True
-    support = Support(needs="a model that declares modality_parameters() and has encode/predict")
+    support = Support(needs="a model that declares modality_parameters() and has encode/predict",
+                      unused_parameters=True, edits_gradients=True)
 
     def __init__(self, window: int = 5, threshold: float = 0.01, start_epoch: int = 2, momentum: float = 0.9) -> None:
         super().__init__()
@@ -55,13 +52,11 @@ class Greedy(Method):
         if not 0 <= momentum < 1:
             raise ValueError(f"Greedy momentum must be in [0, 1), got {momentum}.")
         self.window, self.threshold, self.start_epoch, self.momentum = int(window), float(threshold), int(start_epoch), float(momentum)
-        self.phase = "measure"
-        self.count = 0
-        self.speed_sum: Tensor | None = None
-        self.replace: Tensor | None = None  # [M] float, 1 = replace by the running mean
-        self.feature_mean: list[Tensor] | None = None
-        self._staged_means: list[Tensor] | None = None
-        self._staged_speed: Tensor | None = None
+        self.add_state("phase", "measure")
+        self.add_state("count", 0)
+        self.add_state("speed_sum", None)  # [M] once measured
+        self.add_state("replace", None)  # [M] float, 1 = replace by the running mean
+        self.add_state("feature_mean", None)  # one [D...] tensor per modality
 
     def setup(self) -> None:
         self.modality_parameter_groups()
@@ -78,12 +73,13 @@ class Greedy(Method):
 
     def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         means = [distributed.weighted_mean(h.detach().mean(dim=0), target.shape[0]) for h in out.features]
-        self._staged_means = self._updated_means(means)  # committed when the step is taken
+        means = self._updated_means(means)
+        self.stage("means", means)  # kept when the step is taken
         if not (self.active and self.phase == "rebalance"):
             return task_loss
         r = self.replace.to(out.features[0].device)
         feats = []
-        for i, (h, mu) in enumerate(zip(out.features, self._staged_means)):
+        for i, (h, mu) in enumerate(zip(out.features, means)):
             self.record(f"rebalance/{self.modalities[i]}", r[i])
             ri = r[i].to(h.dtype)
             feats.append(h * (1 - ri) + mu.to(h.dtype).unsqueeze(0).expand_as(h) * ri)
@@ -92,7 +88,6 @@ class Greedy(Method):
 
     def edit_gradients(self) -> None:
         """Measure the step's speeds from its gradients (staged; they count when the step is taken)."""
-        self._staged_speed = None
         if not (self.active and self.phase == "measure"):
             return
         speeds = []
@@ -105,13 +100,14 @@ class Greedy(Method):
             g = torch.stack(torch._foreach_norm([p.grad for p in with_grad])).square()
             w = torch.stack(torch._foreach_norm([p.detach() for p in with_grad])).square().clamp_min(1e-12)
             speeds.append((g / w).sum())
-        self._staged_speed = torch.stack(speeds)
-        for m, s in zip(self.modalities, self._staged_speed):
+        speed = torch.stack(speeds)
+        self.stage("speed", speed)
+        for m, s in zip(self.modalities, speed):
             self.record(f"speed/{m}", s)
 
-    def commit(self, scaler=None) -> None:
-        self.feature_mean = self._staged_means
-        speed, self._staged_speed, self._staged_means = self._staged_speed, None, None
+    def on_step_taken(self) -> None:
+        self.feature_mean = self.staged("means")
+        speed = self.staged("speed")
         if not self.active:
             return
         self.count += 1
@@ -123,9 +119,6 @@ class Greedy(Method):
         elif self.count >= self.window:
             self.phase, self.count = "measure", 0
 
-    def discard(self) -> None:
-        self._staged_speed, self._staged_means = None, None
-
     def decide(self, speed: Tensor) -> Tensor:
         """``[M]``: 1 for the modalities to replace in the coming re-balancing window."""
         speed = speed.clamp_min(1e-20)
@@ -133,16 +126,3 @@ class Greedy(Method):
         slow = speed.argmin()
         others = torch.arange(speed.numel(), device=speed.device) != slow
         return (others & (d > self.threshold)).float()
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(phase=self.phase, count=self.count, speed_sum=self.speed_sum, replace=self.replace,
-                     feature_mean=self.feature_mean)
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.phase, self.count = state.get("phase", "measure"), int(state.get("count", 0))
-        self.speed_sum, self.replace = state.get("speed_sum"), state.get("replace")
-        fm = state.get("feature_mean")
-        self.feature_mean = None if fm is None else [t.clone() for t in fm]

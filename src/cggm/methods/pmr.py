@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -47,13 +44,13 @@ class PMR(Method):
     authors' code (``distance="squared"`` gives the squared distance instead). This follows the authors' code (a
     constant alpha on the weaker modality, peers.md 2.2); the paper's prototype-entropy
     regulariser on the dominant modality (early epochs) is not implemented. For M > 2 the
-    ratio to the others' mean is an extension. Before the first epoch hook (e.g. in a user loop
-    without epochs) prototypes come from the first batch's class means; a class absent there gets
-    the batch mean. Records ``rho/<m>`` and ``beta/<m>``.
+    ratio to the others' mean is an extension. Until prototypes exist (an epoch start that saw no
+    training batch) they come from the first step's class means (the mean over its micro-batches);
+    a class absent there gets the batch mean. Records ``rho/<m>`` and ``beta/<m>``.
     """
 
     name = "pmr"
-    support = Support(tasks=("classification",), needs="per-modality vector or sequence features")
+    support = Support(tasks=("classification",), needs="per-modality vector or sequence features", epoch_hooks=True)
 
     def __init__(self, alpha: float = 0.6, momentum: float = 0.5, start_epoch: int = 0, end_epoch: int | None = None,
                  distance: str = "euclidean") -> None:
@@ -61,14 +58,13 @@ class PMR(Method):
         if distance not in ("euclidean", "squared"):
             raise ValueError(f"PMR distance must be 'euclidean' or 'squared', got {distance!r}.")
         self.distance = distance
-        self._staged_prototypes: list[Tensor] | None = None
         if not alpha >= 0:
             raise ValueError(f"PMR alpha must be >= 0, got {alpha}.")
         if not 0 <= momentum < 1:
             raise ValueError(f"PMR momentum must be in [0, 1), got {momentum}.")
         self.alpha, self.momentum = float(alpha), float(momentum)
         self.start_epoch, self.end_epoch = int(start_epoch), end_epoch
-        self.prototypes: list[Tensor] | None = None
+        self.add_state("prototypes", None)  # one [C, D] tensor per modality
 
     def _class_means(self, pooled: list[Tensor], target: Tensor) -> tuple[list[Tensor], Tensor]:
         C = self.task.num_outputs
@@ -84,7 +80,6 @@ class PMR(Method):
         return out
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
-        super().on_epoch_start(ctx)
         model = ctx.model
         was = model.training
         model.eval()
@@ -117,7 +112,8 @@ class PMR(Method):
             with torch.no_grad():
                 det = [h.detach().float() for h in pooled]
                 sums, counts = self._class_means(det, target)
-                prototypes = self._staged_prototypes = self._means(sums, counts, [h.mean(0) for h in det])
+                prototypes = self._means(sums, counts, [h.mean(0) for h in det])
+            self.stage("prototypes", prototypes)
         logits = [prototype_logits(h, c.to(h.device), self.distance) for h, c in zip(pooled, prototypes)]
         with torch.no_grad():
             scores = distributed.all_reduce_sum(torch.stack([true_class_prob(z, target).sum() for z in logits]))
@@ -131,20 +127,6 @@ class PMR(Method):
         extra = sum(beta[i] * F.cross_entropy(z, target) for i, z in enumerate(logits))
         return task_loss + extra
 
-    def commit(self, scaler=None) -> None:
-        if self.prototypes is None and self._staged_prototypes is not None:
-            self.prototypes = self._staged_prototypes
-        self._staged_prototypes = None
-
-    def discard(self) -> None:
-        self._staged_prototypes = None
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["prototypes"] = self.prototypes
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        p = state.get("prototypes")
-        self.prototypes = None if p is None else [t.clone() for t in p]
+    def on_step_taken(self) -> None:
+        if self.prototypes is None:
+            self.prototypes = self.staged("prototypes")
