@@ -44,7 +44,9 @@ class MRD(Method):
             drop = drop & ~(all_dropped & chosen)
         return drop
 
-    def prepare(self, inputs, masks):
+    def transform_batch(self, inputs, masks, training):
+        if not training:
+            return inputs, masks
         first = inputs[self.modalities[0]]
         drop = self.drop_mask(first.shape[0], first.device)
         out = dict(inputs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method
+from .base import Method, Support
 from .registry import register_method
 
 
@@ -18,7 +18,7 @@ class Unimodal(Method):
     """Args: modality: the name (or index) of the modality to keep (default: the first)."""
 
     name = "unimodal"
-    ddp_find_unused_parameters = True
+    support = Support(unused_parameters=True)
 
     def __init__(self, modality: str | int = 0):
         super().__init__()
@@ -32,8 +32,5 @@ class Unimodal(Method):
         if self.keep not in self.modalities:
             raise ValueError(f"unimodal: unknown modality {self.keep!r}; the model has {list(self.modalities)}.")
 
-    def prepare(self, inputs, masks):
+    def transform_batch(self, inputs, masks, training):
         return {m: x if m == self.keep else torch.zeros_like(x) for m, x in inputs.items()}, masks
-
-    def prepare_eval(self, inputs, masks):
-        return self.prepare(inputs, masks)
