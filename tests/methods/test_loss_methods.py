@@ -75,17 +75,17 @@ def test_umt_online_teachers_train_unimodally():
     data = tiny_data(2)
     model = tiny_model(data)
     method = build_method("umt").bind(model, data.task, data.modalities)
-    t0 = [p.detach().clone() for p in method.teachers[0].parameters()]
+    t0 = [p.detach().clone() for p in method.teachers.modules[0].parameters()]
     inputs, masks, target = batch(data)
     only0 = {m: x if m == data.modalities[0] else torch.zeros_like(x) for m, x in inputs.items()}
     with torch.no_grad():
-        expected = data.task.loss(method.teachers[0](only0, masks).prediction, target)
+        expected = data.task.loss(method.teachers.modules[0](only0, masks).prediction, target)
     opt = make_optimizer(model, method)
     train_step(model, method, opt, inputs, masks, target)
     torch.testing.assert_close(method.records()[f"teacher/{data.modalities[0]}"], expected)
-    assert any(not torch.equal(a, p) for a, p in zip(t0, method.teachers[0].parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(t0, method.teachers.modules[0].parameters()))
     # the teachers are copies, not the student
-    assert all(p is not q for p, q in zip(method.teachers[0].parameters(), model.parameters()))
+    assert all(p is not q for p, q in zip(method.teachers.modules[0].parameters(), model.parameters()))
 
 
 def test_ume_trains_unimodal_models_and_averages_at_test_time():

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .. import distributed
 from ..types import ModelOutput
 from .base import Method
 from .registry import register_method
+from .state import AuxModules
 
 
 @register_method("umt")
@@ -32,8 +31,11 @@ class UMT(Method):
     ``method="unimodal"``): this is the paper's two-stage protocol and the teachers stay frozen.
     By default (``teachers=None``) the method makes one copy of the student per modality at bind
     time and trains copy m unimodally (other modalities' inputs zeroed, task loss, its own Adam
-    optimizer) on every training batch before distilling from it: an online variant, one
-    run instead of two stages (deviation, documented). Records ``distill/<m>`` and ``teacher/<m>``.
+    optimizer, stepped when the model's step is taken, gradients averaged across DDP ranks) on every
+    training batch before distilling from it: an online variant, one run instead of two stages
+    (deviation, documented). The teachers are declared state (:class:`~cggm.methods.state.AuxModules`):
+    saved and loaded by the base, their gradients dropped on a skipped step. Records ``distill/<m>``
+    and ``teacher/<m>``.
     """
 
     name = "umt"
@@ -45,19 +47,17 @@ class UMT(Method):
             raise ValueError(f"UMT lam must be >= 0, got {lam}.")
         self.lam, self.teacher_lr = float(lam), float(teacher_lr)
         self._given = teachers
-        self.teachers: nn.ModuleList | None = None
-        self.teacher_opt: torch.optim.Optimizer | None = None
         self.online = teachers is None
+        self.add_state("teachers", None)  # AuxModules, made at bind
         self._batch: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
 
     def setup(self) -> None:
         if self._given is None:
-            self.teachers = nn.ModuleList(copy.deepcopy(self.model) for _ in self.modalities)
-            for t in self.teachers:
+            teachers = [copy.deepcopy(self.model) for _ in self.modalities]
+            for t in teachers:
                 t.train()
                 for p in t.parameters():
                     p.grad = None
-            self.teacher_opt = torch.optim.Adam(self.teachers.parameters(), lr=self.teacher_lr)
         else:
             given = self._given
             if isinstance(given, Mapping):
@@ -67,16 +67,16 @@ class UMT(Method):
                 given = [given[m] for m in self.modalities]
             if len(given) != len(self.modalities):
                 raise ValueError(f"UMT got {len(given)} teachers for {len(self.modalities)} modalities.")
-            self.teachers = nn.ModuleList(given)
-            for t in self.teachers:
+            teachers = list(given)
+            for t in teachers:
                 t.eval()
                 t.requires_grad_(False)
+        # online teachers' loss is a root of its own (never scaled); frozen teachers never step
+        self.teachers = AuxModules(modules=teachers, lr=self.teacher_lr, scaled=False)
 
-    def modules(self) -> Mapping[str, nn.Module]:
-        return {"teachers": self.teachers} if self.teachers is not None else {}
-
-    def prepare(self, inputs, masks):
-        self._batch = (inputs, masks)
+    def transform_batch(self, inputs, masks, training):
+        if training:
+            self._batch = (inputs, masks)
         return inputs, masks
 
     def _only(self, inputs: dict[str, Tensor], keep: str) -> dict[str, Tensor]:
@@ -84,14 +84,14 @@ class UMT(Method):
 
     def teacher_features(self, target: Tensor) -> list[Tensor]:
         """The teachers' detached features; online teachers also get their loss's gradients here
-        (their optimizer steps in :meth:`commit`, when the model's step is taken)."""
+        (their optimizer steps when the model's step is taken)."""
         if self._batch is None:
             raise RuntimeError("UMT needs the batch's inputs: call method.prepare(inputs, masks) before the forward.")
         inputs, masks = self._batch
         feats = []
         if self.online:
             total = 0.0
-            for i, (m, t) in enumerate(zip(self.modalities, self.teachers)):
+            for i, (m, t) in enumerate(zip(self.modalities, self.teachers.modules)):
                 out = t(self._only(inputs, m), masks)
                 loss = self.task.loss(out.prediction, target)
                 self.record(f"teacher/{m}", loss.detach())
@@ -100,7 +100,7 @@ class UMT(Method):
             total.backward()
         else:
             with torch.no_grad():
-                for i, (m, t) in enumerate(zip(self.modalities, self.teachers)):
+                for i, (m, t) in enumerate(zip(self.modalities, self.teachers.modules)):
                     feats.append(t.encode(self._only(inputs, m), masks)[i].detach())
         return feats
 
@@ -113,26 +113,3 @@ class UMT(Method):
             self.record(f"distill/{m}", d.detach())
             distill.append(d)
         return task_loss + self.lam * torch.stack(distill).sum()
-
-    def commit(self, scaler=None) -> None:
-        if self.online:
-            distributed.average_gradients(self.teachers.parameters())
-            self.teacher_opt.step()
-            self.teacher_opt.zero_grad(set_to_none=True)
-
-    def discard(self) -> None:
-        if self.online:
-            self.teacher_opt.zero_grad(set_to_none=True)
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        if self.online:
-            state["teachers"] = self.teachers.state_dict()
-            state["teacher_opt"] = self.teacher_opt.state_dict()
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        if self.online and "teachers" in state:
-            self.teachers.load_state_dict(state["teachers"])
-            self.teacher_opt.load_state_dict(state["teacher_opt"])
