@@ -74,3 +74,32 @@ def test_report_and_diagnose_show_the_ceiling():
     _, text = _interpret(d, data)
     assert f"- fused: 0.7500 vs {b['fused']:.4f} ({0.75 - b['fused']:+.4f})" in text
     assert f"- weak encoder probe: 0.4000 vs weak alone {b['weak']:.4f} ({0.4 - b['weak']:+.4f})" in text
+
+
+def test_gap_decomposition_report(tmp_path):
+    """benchmarks/bayes_gap.py --report: the three parts of Bayes - joint, worked out by hand."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bayes_gap", Path(__file__).parents[1] / "benchmarks/bayes_gap.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    bayes = {"fused": 0.80, "strong": 0.76, "weak": 0.55}
+    row = {"seed": 0, "strong alone": 0.75, "exact strong x learned weak": 0.78, "learned strong x learned weak": 0.77}
+    trial = {"options": {}, "val": [0.7], "test": [0.70]}
+    (tmp_path / "bayes_gap.json").write_text(json.dumps({
+        "seconds": 60, "epochs": 10, "seeds": [0], "weak_alone": {"0": {"budget": 0.51, "3x epochs": 0.52}},
+        "per_imbalance": {"1.0": {"bayes": bayes, "rows": [row]}},
+        "tuning": {"1.0": {"joint": {"trials": [trial], "selected": {}},
+                           "cggm": {"trials": [trial, {"options": {"rho": 2.0}, "val": [0.8], "test": [0.75]}],
+                                    "selected": {"rho": 2.0}}}}}))
+    (tmp_path / "sweep.json").write_text(json.dumps({"epochs": 10, "rows": [
+        {"imbalance": 1.0, "method": "joint", "seed": 0, "accuracy": 0.72, "weak_probe": 0.4},
+        {"imbalance": 1.0, "method": "ume", "seed": 0, "accuracy": 0.74, "weak_probe": 0.5}]}))
+    mod.report(tmp_path)
+    md = (tmp_path / "bayes_gap.md").read_text()
+    # 0.80 - 0.78 = +0.020 (weak alone), 0.78 - 0.77 = +0.010 (strong alone), 0.77 - 0.72 = +0.050 (joint)
+    assert "+0.020 / +0.010 / +0.050" in md
+    # selected on validation: rho 2.0, share (0.75 - 0.70) / (0.80 - 0.70) = 0.5
+    assert '| 1 | cggm | {}: 0.700 / 0.700; {"rho": 2.0}: 0.800 / 0.750 | {"rho": 2.0} | 0.750 ± 0.000 | +0.50' in md
