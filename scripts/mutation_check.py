@@ -20,6 +20,8 @@ shutil.copytree(ROOT / "tests", MUT / "tests")
 TESTS = ["tests/test_shapley.py", "tests/test_equations.py", "tests/test_trust.py", "tests/test_one_backward.py", "tests/methods",
          "tests/test_engine.py", "tests/test_bayes.py", "-k", "not 100k"]
 MUTANTS = {
+ "mbsd: weight w not gated by correctness": ("cggm/methods/mbsd.py",
+   "torch.where(correct, (ta - tb).abs(), torch.zeros_like(ta))", "(ta - tb).abs()"),
  "Shapley: uniform weights instead of |S|!(M-|S|-1)!/M!": ("cggm/diagnostics/shapley.py",
    "weight = math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n)", "weight = 1 / 2 ** (n - 1)"),
  "Shapley: marginals along one order of the modalities": ("cggm/diagnostics/shapley.py",

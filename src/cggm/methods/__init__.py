@@ -28,3 +28,4 @@ __all__ = [
 # the methods CGGM is compared with (cggm-spec.md 3.1, peers.md 2)
 from . import agm, gblending, greedy, inforeg, mmpareto, mrd, mslr, ogm_ge, pmr, qmf, reconboost, ume, umt  # noqa: E402,F401,I001
 from . import mmcosine  # noqa: E402,F401,I001
+from . import mbsd  # noqa: E402,F401,I001
