@@ -137,10 +137,8 @@ class ShapleyResult:
 
 
 class _PlainEval:
-    """The default evaluation path (the fused prediction), for a model evaluated without a method."""
-
-    def eval_begin(self) -> None:
-        pass
+    """The default evaluation path (the fused prediction, no metric of a method's own), for a model
+    evaluated without a method."""
 
     def prepare_eval(self, inputs, masks):
         return inputs, masks
@@ -148,10 +146,7 @@ class _PlainEval:
     def eval_prediction(self, out: ModelOutput) -> torch.Tensor:
         return out.prediction
 
-    def eval_step(self, out, target) -> None:
-        pass
-
-    def eval_end(self) -> dict[str, float]:
+    def eval_metrics(self) -> dict[str, Any]:
         return {}
 
 
