@@ -124,3 +124,53 @@ def test_gradient_accumulation_steps_once_per_accumulated_batch(data):
                 optimizer.zero_grad()
     assert method.global_step == 4  # 8 micro-batches
     assert all(torch.isfinite(p).all() for p in accelerator.unwrap_model(model).parameters())
+
+
+def _bf16_method(name):
+    # greedy from the first step, measuring one step and then re-balancing (model.predict in its loss)
+    kwargs = {"greedy": {"start_epoch": 0, "window": 1, "threshold": -1.0}}.get(name, {})
+    return build_method(name, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["ogm_ge", "agm", "greedy"])
+def test_readme_recipe_bf16_for_methods_that_call_model_predict(data, name):
+    """Issue 17 item 8: Accelerate autocasts only the model's forward; these methods call
+    model.predict from their loss on the bf16 features it returned, outside that autocast (fp32 head
+    weights: 'mat1 and mat2 must have the same dtype' before the fix)."""
+    from cggm.methods.base import EpochContext
+
+    torch.manual_seed(0)
+    model = build_model("mlp", data.input_shapes, data.task, feature_dim=8, hidden=16, head_hidden=16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    method = _bf16_method(name).bind(model, data.task, optimizer=optimizer)
+    before = [p.detach().clone() for p in model.parameters()]
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    model, optimizer, loader = accelerator.prepare(model, optimizer, _loader(data))
+    seen = set()
+    for epoch in range(2):
+        method.begin_epoch(EpochContext.from_loaders(accelerator.unwrap_model(model), data.task, epoch, 2))
+        for inputs, masks, target in loader:
+            out = model(inputs, masks)
+            loss = method.loss(out, target, data.task.loss(out.prediction, target))
+            seen |= {k for k, v in method.records().items() if k.startswith("rebalance/") and float(v) > 0}
+            optimizer.zero_grad()
+            method.backward(loss)
+            method.step(optimizer)
+    assert out.prediction.dtype == torch.bfloat16 and method.global_step == 8
+    if name == "greedy":
+        assert seen  # the re-balancing steps (model.predict on replaced features) ran
+    params = list(accelerator.unwrap_model(model).parameters())
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in params)
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))
+
+
+def test_model_predict_on_bf16_features_outside_autocast_runs_as_under_it(data):
+    model = build_model("mlp", data.input_shapes, data.task, feature_dim=8, hidden=16, head_hidden=16)
+    inputs, masks, _ = collate([data.train[i] for i in range(8)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(inputs, masks)
+        expected = model.predict(out.features, out.masks)
+    assert out.features[0].dtype == torch.bfloat16
+    got = model.predict(out.features, out.masks)  # outside the autocast the features came from
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..types import ModelOutput
@@ -94,7 +95,15 @@ class LateFusionModel(MultimodalModel):
         return [self.encoders[m](inputs[m], masks.get(m)) for m in self.modalities]
 
     def predict(self, features, masks=None):
-        return self.head(self.fusion(list(features), masks))
+        features = list(features)
+        dtype = _autocast_dtype(features, self.head_layer.weight)
+        if dtype is None:
+            return self.head(self.fusion(features, masks))
+        # features of lower precision than the head (bf16/fp16, made under an autocast that ended:
+        # HF Accelerate autocasts only forward, and the methods call predict from their loss or
+        # epoch hooks, OGM-GE, AGM, MSLR, Greedy): the head runs under the autocast they came from
+        with torch.autocast(features[0].device.type, dtype=dtype):
+            return self.head(self.fusion(features, masks))
 
     @property
     def head_layer(self) -> nn.Module:
@@ -123,3 +132,14 @@ def head_layer_hidden(layer: nn.Module) -> int:
         f"The head's last layer must be nn.Linear or nn.ConvNd to compare gradients with the classifiers; "
         f"got {type(layer).__name__}."
     )
+
+
+def _autocast_dtype(features: Sequence[Tensor], weight: Tensor) -> torch.dtype | None:
+    """The low-precision dtype of ``features`` when ``weight`` is of higher precision and no autocast
+    is active on their device (``None``: run as is)."""
+    low = next((h.dtype for h in features if h.dtype in (torch.float16, torch.bfloat16)), None)
+    if low is None or weight.dtype == low or not weight.is_floating_point():
+        return None
+    if torch.is_autocast_enabled(features[0].device.type):
+        return None
+    return low
