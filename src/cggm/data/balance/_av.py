@@ -10,7 +10,11 @@
   evaluation transform ``Resize((224, 224))``);
 * list files (one clip per line) in the formats the papers' code reads;
 * a cache: every clip is decoded once into memory-mapped arrays (spectrograms as float16 or
-  float32, frames as uint8), so training reads no JPEG or wav;
+  float32, frames as uint8), so training reads no JPEG or wav. Its folder name covers the settings
+  and the source files (name, size and modification time of every listed wav / spectrogram and
+  frame), so a changed clip builds a new cache. It is built in a folder of its own and renamed into
+  place, under a lock (concurrent processes, e.g. torchrun ranks, build it once), with its disk
+  space reserved first (a full disk is an OSError naming the cache, not a bus error);
 * :class:`AVClips`, the split datasets over the cache. Training batches are augmented as the
   papers' training transform (``RandomResizedCrop(224)`` and a horizontal flip, each frame
   independently) on the cached frames, with torch's global generator (seeded and checkpointed by
@@ -19,11 +23,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import re
-import shutil
 import wave
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -37,7 +41,18 @@ from torch.nn import functional as F
 from ..._optional import require
 from ...types import Task
 from ..base import DataError, DataSplits, stratified_split
-from ..paper._common import check_class_labels, check_finite, load_pickle, open_cached_array, settings_hash, sorted_rows
+from ..paper._common import (
+    build_atomically,
+    check_class_labels,
+    check_finite,
+    files_signature,
+    load_pickle,
+    no_space_error,
+    open_cached_array,
+    reserve_arrays,
+    settings_hash,
+    sorted_rows,
+)
 
 MODALITIES = ("audio", "visual")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -57,6 +72,10 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
     except (wave.Error, EOFError) as err:
         raise DataError(f"{path}: cannot read as a PCM wav file ({err}). Convert it to 16-bit PCM, e.g. "
                         f"ffmpeg -i IN -acodec pcm_s16le OUT.wav") from err
+    if len(raw) % (width * channels):
+        raise DataError(f"{path}: the wav file is cut short: its audio data ends mid-sample ({len(raw)} bytes, not a "
+                        f"whole number of {width * channels}-byte frames of {channels} channel(s) x {width} bytes). "
+                        f"Copy or extract it again (python -m cggm.data.balance.prepare re-extracts a deleted wav).")
     if width == 1:
         x = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
     elif width == 2:
@@ -287,7 +306,9 @@ def read_list(file: Path, order: str = "clip_label") -> list[tuple[str, str, lis
 
     Fields are separated by ``&`` (AVE's lists), else by commas (OGM-GE's CSV lists), else by
     whitespace. ``order="clip_label"``: the clip is the first field and the label the last
-    (``1001_DFA_ANG_XX,ANG``; ``clip,10,3``; ``clip label``). ``order="label_clip"``: the label is
+    (``1001_DFA_ANG_XX,ANG``; ``clip,10,3``; ``clip label``); in a whitespace-separated line a class
+    name may hold spaces (``clip 10 playing bass guitar``: the fields after the clip and its numeric
+    fields). ``order="label_clip"``: the label is
     the first field and the clip the second (AVE: ``Church bell&RUhOCu3LNXM&good&0&10``). A header
     line (AVE's ``Category&VideoID&...``) and blank lines are skipped.
     """
@@ -304,7 +325,15 @@ def read_list(file: Path, order: str = "clip_label") -> list[tuple[str, str, lis
         parts = [p.strip() for p in (line.split(sep) if sep else line.split())]
         if len(parts) < 2:
             raise DataError(f"{file}: line {n} ({line!r}) has {len(parts)} field; expected a clip and a label.")
-        clip, label = (parts[0], parts[-1]) if order == "clip_label" else (parts[1], parts[0])
+        if order == "clip_label":
+            clip, label = parts[0], parts[-1]
+            if sep is None and not re.fullmatch(r"-?\d+", label):  # a class name may have spaces: keep it whole
+                rest = parts[1:]
+                while len(rest) > 1 and re.fullmatch(r"-?\d+", rest[0]):  # numeric fields before it (",10,")
+                    rest = rest[1:]
+                label = " ".join(rest)
+        else:
+            clip, label = parts[1], parts[0]
         if (clip.lower(), label.lower()) in {("videoid", "category"), ("clip", "label"), ("name", "label"),
                                              ("filename", "label")}:
             continue
@@ -352,8 +381,13 @@ def resolve(rows: Sequence[tuple[str, int]], audio_dirs: Sequence[Path], visual_
     clips, missing = [], {"audio": 0, "frames": 0}
     for name, label in rows:
         frames = next((d / name for d in visual_dirs if (d / name).is_dir()), None)
-        if frames is not None and not any(p.suffix.lower() in IMAGE_EXTS for p in frames.iterdir()):
-            frames = None
+        if frames is not None and not frame_files(frames):
+            inside = sorted(p.name + ("/" if p.is_dir() else "") for p in frames.iterdir())
+            if any(p.is_dir() for p in frames.iterdir()):
+                raise DataError(f"{frames}: the frame folder of clip {name!r} holds no image file "
+                                f"({'/'.join(IMAGE_EXTS)}) but {inside[:5]}; its frames must be directly in it "
+                                f"(move them up from the inner folder, or re-extract them).")
+            frames = None  # an empty folder: no frames for this clip
         audio = next((d / f"{name}{ext}" for d in audio_dirs for ext in AUDIO_EXTS if (d / f"{name}{ext}").is_file()),
                      None)
         if audio is None and frames is not None and (frames / f"{name}.wav").is_file():
@@ -374,45 +408,63 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def sources_signature(splits: Mapping[str, list[Clip]]) -> str:
+    """A hash of the name, size and modification time of every clip's audio file and frame files: a
+    clip replaced, re-extracted, added or cut changes it (the files are not read)."""
+    return files_signature(f for clips in splits.values() for c in clips for f in (c.audio, *frame_files(c.frames)))
+
+
 def build_cache(out: Path, splits: Mapping[str, list[Clip]], spec: SpectrogramSpec, frames: int, image_size: int,
                 dtype: str, meta: dict, log: Callable[[str], None] | None = print) -> Path:
-    """Decode every clip once into ``out`` (written to ``out.partial`` and renamed when complete)."""
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Decode every clip once into ``out``, safely under concurrency and a full disk
+    (:func:`~cggm.data.paper._common.build_atomically`: a temporary folder of this process, renamed
+    when complete; a process finding the cache being built waits for it). The arrays' disk space is
+    reserved before any clip is decoded (:func:`~cggm.data.paper._common.reserve_arrays`)."""
     store = np.float16 if dtype == "float16" else np.float32
-    shape = None
-    for split, clips in splits.items():
-        n = len(clips)
-        audio = visual = None
-        np.save(tmp / f"{split}_labels.npy", np.asarray([c.label for c in clips], dtype=np.int64))
-        for i, clip in enumerate(clips):
-            spec_arr = load_audio(clip.audio, spec)
-            if shape is None:
-                shape = spec_arr.shape
-            if dtype == "float16" and float(np.abs(spec_arr).max()) > 65504.0:
-                raise DataError(f"{clip.audio}: spectrogram values up to {np.abs(spec_arr).max():.3g} overflow float16; "
-                                f"use dataset.options.dtype=float32.")
-            if spec_arr.shape != shape:
-                raise DataError(f"{clip.audio}: spectrogram shape {spec_arr.shape}, but {shape} for the first clip; "
-                                f"every clip's spectrogram needs the same shape.")
-            files = frame_files(clip.frames)
-            pixels = load_frames([files[j] for j in pick(len(files), frames)], image_size)
-            if audio is None:
-                audio = np.lib.format.open_memmap(tmp / f"{split}_audio.npy", "w+", store, (n, 1, *shape))
-                visual = np.lib.format.open_memmap(tmp / f"{split}_visual.npy", "w+", np.uint8,
-                                                   (n, frames, 3, image_size, image_size))
-            audio[i, 0] = spec_arr.astype(store)
-            visual[i] = pixels
-            if log is not None and (i + 1) % 1000 == 0:
-                log(f"{meta['dataset']}: decoded {i + 1}/{n} {split} clips")
-        for arr in (audio, visual):
-            arr.flush()
-        del audio, visual
-        (tmp / f"{split}_clips.json").write_text(json.dumps([c.name for c in clips]))
-    (tmp / "meta.json").write_text(json.dumps({**meta, "format": CACHE_FORMAT}, indent=1, default=str))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    need = [0]
+
+    def decode(tmp: Path) -> None:
+        first = next(c for clips in splits.values() for c in clips)
+        first_audio = load_audio(first.audio, spec)
+        shape = first_audio.shape
+        plan = {}
+        for split, clips in splits.items():
+            plan[tmp / f"{split}_audio.npy"] = (store, (len(clips), 1, *shape))
+            plan[tmp / f"{split}_visual.npy"] = (np.uint8, (len(clips), frames, 3, image_size, image_size))
+        need[0] = sum(int(np.dtype(d).itemsize * np.prod(sh, dtype=np.int64)) for d, sh in plan.values())
+        arrays = reserve_arrays(out, plan)
+        for split, clips in splits.items():
+            n = len(clips)
+            audio, visual = arrays.pop(tmp / f"{split}_audio.npy"), arrays.pop(tmp / f"{split}_visual.npy")
+            np.save(tmp / f"{split}_labels.npy", np.asarray([c.label for c in clips], dtype=np.int64))
+            for i, clip in enumerate(clips):
+                spec_arr = first_audio if clip is first else load_audio(clip.audio, spec)
+                if dtype == "float16" and float(np.abs(spec_arr).max()) > 65504.0:
+                    raise DataError(f"{clip.audio}: spectrogram values up to {np.abs(spec_arr).max():.3g} overflow "
+                                    f"float16; use dataset.options.dtype=float32.")
+                if spec_arr.shape != shape:
+                    raise DataError(f"{clip.audio}: spectrogram shape {spec_arr.shape}, but {shape} for the first clip "
+                                    f"({first.audio}); every clip's spectrogram needs the same shape.")
+                files = frame_files(clip.frames)
+                if not files:
+                    raise DataError(f"{clip.frames}: the frame folder of clip {clip.name!r} holds no image file "
+                                    f"({'/'.join(IMAGE_EXTS)}) any more; it changed while the cache was built.")
+                audio[i, 0] = spec_arr.astype(store)
+                visual[i] = load_frames([files[j] for j in pick(len(files), frames)], image_size)
+                if log is not None and (i + 1) % 1000 == 0:
+                    log(f"{meta['dataset']}: decoded {i + 1}/{n} {split} clips")
+            for arr in (audio, visual):
+                arr.flush()
+            del audio, visual
+            (tmp / f"{split}_clips.json").write_text(json.dumps([c.name for c in clips]))
+        (tmp / "meta.json").write_text(json.dumps({**meta, "format": CACHE_FORMAT}, indent=1, default=str))
+
+    try:
+        build_atomically(out, decode, "meta.json", log)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT) and "not enough disk space" not in str(err):
+            raise no_space_error(out, need[0], err) from err  # a small file's write ran out of space
+        raise
     return out
 
 
@@ -555,13 +607,29 @@ def labels_to_ids(rows_by_split: Mapping[str, list[tuple[str, str, list[str]]]],
         names = list(classes) if classes else [str(i) for i in range(k)]
         return {s: [(c, int(lab)) for c, lab, _ in rows] for s, rows in rows_by_split.items()}, names
     names = list(classes) if classes else sorted(set(labels))
-    index = {c: i for i, c in enumerate(names)}
-    unknown = sorted(set(labels) - set(index))
+    index: dict[str, int] = {}
+    for i, c in enumerate(names):  # names match whatever their case, spaces or underscores
+        if class_key(c) in index:
+            raise DataError(f"{where}: the class names {names[index[class_key(c)]]!r} and {c!r} are the same class "
+                            f"written two ways; list each class once.")
+        index[class_key(c)] = i
+    unknown = sorted({lab for lab in labels if class_key(lab) not in index})
     if unknown:
         raise DataError(f"{where}: labels {unknown[:5]} are not among the {len(names)} classes {names[:8]}.")
     if num_classes is not None and num_classes != len(names):
         raise DataError(f"{where}: num_classes={num_classes} but the class list has {len(names)} names.")
-    return {s: [(c, index[lab]) for c, lab, _ in rows] for s, rows in rows_by_split.items()}, names
+    spellings: dict[int, str] = {}
+    for lab in labels:  # two distinct source names never merge into one class
+        first = spellings.setdefault(index[class_key(lab)], lab)
+        if first != lab:
+            raise DataError(f"{where}: the labels {first!r} and {lab!r} would both be class "
+                            f"{names[index[class_key(lab)]]!r}; use one spelling per class in the lists.")
+    return {s: [(c, index[class_key(lab)]) for c, lab, _ in rows] for s, rows in rows_by_split.items()}, names
+
+
+def class_key(name: str) -> str:
+    """How a class name is matched: case, runs of spaces and underscores ignored."""
+    return " ".join(name.replace("_", " ").split()).casefold()
 
 
 def dedupe(rows: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], int]:
@@ -616,13 +684,18 @@ def load_av(name: str, root: Path, sources: Mapping[str, SplitSource], *, classe
                 "lists": {s: [str(src.list_file.resolve()), file_digest(src.list_file)] for s, src in sources.items()},
                 "clips": {s: [len(c), str(c[0].audio.parent.resolve()), str(c[0].frames.parent.resolve())]
                           for s, c in clips.items()}}
-    folder = (Path(cache_dir).expanduser() if cache_dir else root / "cggm_cache") / f"{name}_{settings_hash(settings)}"
-    meta_file = folder / "meta.json"
-    if not meta_file.is_file():
+    signature = sources_signature(clips)  # a changed clip (audio or frames) names another cache
+    base, prefix = Path(cache_dir).expanduser() if cache_dir else root / "cggm_cache", f"{name}_{settings_hash(settings)}"
+    folder = base / f"{prefix}_{signature[:12]}"
+    if not (folder / "meta.json").is_file():
         if log is not None:
-            log(f"{name}: decoding {sum(len(c) for c in clips.values())} clips into {folder} (once)")
+            stale = sorted(str(p) for p in (base.iterdir() if base.is_dir() else [])
+                           if p != folder and re.fullmatch(rf"{re.escape(prefix)}(_[0-9a-f]{{12}})?", p.name))
+            log(f"{name}: decoding {sum(len(c) for c in clips.values())} clips into {folder} (once)"
+                + (f"; the clips changed since {stale[-1]} was built: it is no longer used (delete it to free its "
+                   f"space)" if stale else ""))
         build_cache(folder, clips, spec, frames, image_size, dtype,
-                    {"dataset": name, "classes": class_names, "settings": settings}, log)
+                    {"dataset": name, "classes": class_names, "settings": settings, "sources": signature}, log)
     arrays = {s: open_split(folder, s) for s in sources}
     tr_labels = np.asarray(arrays["train"][2])
     if "val" in sources:

@@ -1,11 +1,20 @@
 """Shared helpers of the paper-dataset and audio-visual loaders: file checks, a numpy-only unpickler,
-array checks, and the feature caches' settings hash and memory-mapped reads."""
+array checks, and the feature caches' settings hash, memory-mapped reads and safe building (a
+unique temporary folder renamed into place, a lock so that concurrent processes build it once,
+and disk space reserved before anything is written)."""
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import json
+import os
 import pickle
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
 
@@ -114,3 +123,140 @@ def open_cached_array(file: Path, ndim: int, cache: str) -> np.ndarray:
     if x.ndim != ndim:
         raise DataError(f"{file}: expected a {ndim}-d array, got shape {x.shape}.")
     return x
+
+
+# -- building a cache safely ---------------------------------------------------------------------
+def files_signature(entries) -> str:
+    """A hash of ``(name, size, mtime_ns)`` of each file in ``entries`` (paths, in a fixed order): it
+    changes when a file is replaced, rewritten, grown or cut, without reading the files."""
+    h = hashlib.sha256()
+    for f in entries:
+        st = os.stat(f)
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+@contextmanager
+def build_lock(out: Path, log: Callable[[str], None] | None = None) -> Iterator[bool]:
+    """An exclusive lock on ``<out>.lock`` (``fcntl.flock``; released when the process ends, also by
+    a crash). A second process waits here until the first is done. Yields False where the file
+    system has no locks (then concurrent builders each build a copy and the first complete one wins)."""
+    try:
+        import fcntl
+        fd = os.open(out.with_name(out.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    except (ImportError, OSError):
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log is not None:
+                log(f"{out}: another process is building this cache; waiting for it to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        locked = True
+    except OSError:  # e.g. ENOLCK on a network file system without locks
+        locked = False
+    try:
+        yield locked
+    finally:
+        os.close(fd)
+
+
+def build_atomically(out: Path, build: Callable[[Path], None], complete: str = "meta.json",
+                     log: Callable[[str], None] | None = None) -> bool:
+    """Build a cache folder ``out`` safely under concurrency: ``build(tmp)`` writes into a folder
+    unique to this call (``<out>.partial-XXXX``), which is renamed to ``out`` (atomic) once
+    complete (``complete`` is the file written last). Builders take :func:`build_lock`, so a
+    process that finds the cache being built waits and then uses it; without locks, the first
+    complete copy wins and the others are dropped. On any error the temporary folder is removed:
+    no half-written cache is left. Returns True if this call built the cache."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(out, log) as locked:
+        if (out / complete).is_file():
+            return False
+        if locked:  # no other builder is running: any partial folder is left over from a crash
+            for stale in out.parent.glob(glob.escape(out.name) + ".partial*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache is an ordinary folder
+            build(tmp)
+            if not (tmp / complete).is_file():
+                raise RuntimeError(f"{tmp}: the build wrote no {complete}")  # pragma: no cover - a bug of build()
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                if (out / complete).is_file():  # another process finished first: its copy is used
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return False
+                shutil.rmtree(out, ignore_errors=True)  # an incomplete folder (an older version's leftover)
+                os.rename(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return True
+
+
+def no_space_error(cache: Path, need: int, err: OSError | None = None) -> OSError:
+    """The OSError for a cache that does not fit on its disk: the path, the bytes needed and free, the fix."""
+    try:
+        free = shutil.disk_usage(cache.parent).free
+    except OSError:  # pragma: no cover
+        free = -1
+    why = f" ({err.strerror or err})" if err is not None else ""
+    return OSError(errno.ENOSPC, (
+        f"{cache}: not enough disk space to build this cache{why}: it needs {need} bytes ({need / 2**30:.2f} GiB) "
+        f"and {free} bytes ({free / 2**30:.2f} GiB) are free there. Free space on that disk, or set "
+        f"dataset.options.cache_dir to a folder on a disk with room. Nothing was kept: the partial cache was "
+        f"removed."))
+
+
+def reserve_arrays(cache: Path, arrays: dict[Path, tuple[np.dtype, tuple[int, ...]]]) -> dict[Path, np.memmap]:
+    """Memory-mapped ``.npy`` arrays (``file: (dtype, shape)``) with their disk space allocated up
+    front (``os.posix_fallocate``, else by writing zeros), so that a full disk is an OSError here
+    (:func:`no_space_error`, naming ``cache``) rather than a bus error on a later write to the map."""
+    need = sum(int(np.dtype(d).itemsize * np.prod(shape, dtype=np.int64)) + 128 for d, shape in arrays.values())
+    try:
+        free = shutil.disk_usage(cache.parent).free
+    except OSError:  # pragma: no cover
+        free = None
+    if free is not None and free < need:
+        raise no_space_error(cache, need)
+    out = {}
+    for file, (dtype, shape) in arrays.items():
+        arr = np.lib.format.open_memmap(file, "w+", dtype, shape)
+        size, data = file.stat().st_size, arr.nbytes
+        try:
+            _allocate(file, size - data, data)
+        except OSError as err:
+            del arr
+            if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise no_space_error(cache, need, err) from err
+            raise
+        out[file] = arr
+    return out
+
+
+def _allocate(file: Path, offset: int, length: int) -> None:
+    """Disk blocks for ``length`` bytes of ``file`` from ``offset`` (its data, already zero)."""
+    if length <= 0:
+        return
+    with open(file, "r+b") as f:
+        fallocate = getattr(os, "posix_fallocate", None)
+        if fallocate is not None:
+            try:
+                fallocate(f.fileno(), offset, length)
+                return
+            except OSError as err:
+                if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+        f.seek(offset)  # no fallocate here: write the zeros, so a full disk fails now
+        block = bytes(1 << 20)
+        left = length
+        while left > 0:
+            left -= f.write(block[: min(left, len(block))])
+        f.flush()
+        os.fsync(f.fileno())
