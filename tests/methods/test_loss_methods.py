@@ -46,7 +46,7 @@ def test_gblending_epoch_end_uses_held_out_losses():
     out = model(inputs, masks)
     tl = data.task.loss(out.prediction, target)
     loss = method.loss(out, target, tl)
-    uni = [data.task.loss(method.heads[i](h), target) for i, h in enumerate(out.features)]
+    uni = [data.task.loss(method.heads.modules[i](h), target) for i, h in enumerate(out.features)]
     torch.testing.assert_close(loss, (method.weights * torch.stack(uni + [tl])).sum())
 
 
@@ -106,7 +106,7 @@ def test_ume_trains_unimodal_models_and_averages_at_test_time():
         torch.testing.assert_close(a, b)
     with torch.no_grad():
         out = model(inputs, masks)
-        expected = (method.heads[0](out.features[0]) + method.heads[1](out.features[1])) / 2
+        expected = (method.heads.modules[0](out.features[0]) + method.heads.modules[1](out.features[1])) / 2
         torch.testing.assert_close(method.eval_prediction(out), expected)
 
 
@@ -125,7 +125,7 @@ def test_qmf_energy_weighted_fusion():
     inputs, masks, target = batch(data)
     out = model(inputs, masks)
     loss = method.loss(out, target, data.task.loss(out.prediction, target))
-    zs = [method.heads[i](h) for i, h in enumerate(out.features)]
+    zs = [method.heads.modules[i](h) for i, h in enumerate(out.features)]
     f, _ = qmf_fuse(zs)
     torch.testing.assert_close(loss, F.cross_entropy(f, target) + sum(F.cross_entropy(z, target) for z in zs))
     with torch.no_grad():
@@ -156,7 +156,7 @@ def test_reconboost_stage_trains_one_learner_against_the_others():
     with torch.no_grad():
         out = model(*batch(data)[:2])
         torch.testing.assert_close(method.eval_prediction(out),
-                                   sum(method.heads[i](h) for i, h in enumerate(out.features)))
+                                   sum(method.heads.modules[i](h) for i, h in enumerate(out.features)))
 
 
 def test_mrd_drop_rate():

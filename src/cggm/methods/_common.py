@@ -1,5 +1,6 @@
-"""Small pieces shared by the comparison methods: per-modality auxiliary heads with their own
-optimizer, unimodal predictions by zeroing the other modalities' features, and tensor helpers.
+"""Small pieces shared by the comparison methods: per-modality unimodal heads (a declared
+:class:`~cggm.methods.state.AuxModules`), unimodal predictions by zeroing the other modalities'
+features, and tensor helpers.
 
 Nothing here looks parameters up by name: modalities' parameters come from
 ``model.modality_parameters()``, unimodal logits from method-owned heads or ``model.predict``.
@@ -7,17 +8,16 @@ Nothing here looks parameters up by name: modalities' parameters come from
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .. import distributed
 from ..models.blocks import pool
 from ..types import ModelOutput
 from .base import Method, UnsupportedSettingError
+from .state import AuxModules
 
 
 class UniHead(nn.Module):
@@ -49,95 +49,33 @@ class UniHead(nn.Module):
 
 
 class HeadMethod(Method):
-    """Base for methods with one method-owned unimodal head per modality.
-
-    The heads are built lazily on the first batch, on the features' device, and trained by their
-    own Adam optimizer (``head_lr``), stepped when the model's step is taken (:meth:`commit`,
-    gradients averaged across DDP ranks first); a skipped step leaves them untouched. Whether their loss reaches the encoders is up to the subclass (it
-    passes detached or live features to :meth:`uni_logits`).
+    """Base for methods with one method-owned unimodal head per modality: the state ``heads``, an
+    :class:`~cggm.methods.state.AuxModules` of ``head(feature, num_outputs)`` modules (default
+    :class:`UniHead`), built on the first batch and trained by their own Adam optimizer
+    (``head_lr``), stepped when the model's step is taken. Whether their loss reaches the encoders
+    is up to the subclass (it passes detached or live features to :meth:`uni_logits`).
     """
 
-    def __init__(self, head_lr: float = 1e-3, head_weight_decay: float = 0.0) -> None:
+    def __init__(self, head_lr: float = 1e-3, head_weight_decay: float = 0.0,
+                 head: Callable[[Tensor, int], nn.Module] = UniHead) -> None:
         super().__init__()
-        if not head_lr > 0:
-            raise ValueError(f"head_lr must be > 0, got {head_lr}.")
-        self.head_lr, self.head_weight_decay = float(head_lr), float(head_weight_decay)
-        self.heads: nn.ModuleList | None = None
-        self.head_opt: torch.optim.Optimizer | None = None
-        self._pending_heads: Mapping[str, Any] | None = None
-
-    def _ensure_heads(self, out: ModelOutput) -> nn.ModuleList:
-        if self.heads is None:
-            # drawn from the global RNG, which is then put back: building the heads again when a
-            # resumed run loads their saved weights must not shift the random stream of later steps
-            device = out.features[0].device
-            with torch.inference_mode(False), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                self.heads = nn.ModuleList(UniHead(h.detach(), self.task.num_outputs) for h in out.features)
-            self.head_opt = torch.optim.Adam(self.heads.parameters(), lr=self.head_lr,
-                                             weight_decay=self.head_weight_decay)
-            if self._pending_heads is not None:
-                state, self._pending_heads = self._pending_heads, None
-                with torch.inference_mode(False):
-                    self.heads.load_state_dict(state["heads"])
-                    self.head_opt.load_state_dict(state["head_opt"])
-        return self.heads
+        self.add_state("heads", AuxModules(lambda h, i: head(h, self.task.num_outputs), optimizer="adam",
+                                           lr=head_lr, weight_decay=head_weight_decay, fused=False, scaled=True))
 
     def target_size(self, target: Tensor) -> tuple[int, int] | None:
         return tuple(target.shape[-2:]) if self.task.kind == "segmentation" else None
 
     def uni_logits(self, out: ModelOutput, target: Tensor, detach: bool = False) -> list[Tensor]:
         """Each head's prediction on its modality's features (detached features if ``detach``)."""
-        heads = self._ensure_heads(out)
+        heads = self.heads.ensure(out.features)
         heads.train(self.model.training if self.model is not None else True)
         size = self.target_size(target)
         return [head(h.detach() if detach else h, out.mask(i), size) for i, (head, h) in enumerate(zip(heads, out.features))]
 
     def eval_logits(self, out: ModelOutput) -> list[Tensor]:
-        heads = self._ensure_heads(out)
+        heads = self.heads.ensure(out.features)
         heads.eval()
         return [head(h, out.mask(i)) for i, (head, h) in enumerate(zip(heads, out.features))]
-
-    def zero_head_grads(self) -> None:
-        if self.head_opt is not None:
-            self.head_opt.zero_grad(set_to_none=True)
-
-    def commit(self, scaler=None) -> None:
-        """The model's step was taken: step the heads on the gradients the backward pass gave them
-        (averaged across DDP ranks; through the GradScaler when the loss was scaled)."""
-        if self.head_opt is None:
-            return
-        distributed.average_gradients(self.heads.parameters())
-        has_grad = any(p.grad is not None for p in self.heads.parameters())
-        if scaler is not None and has_grad:
-            scaler.step(self.head_opt)
-        elif has_grad:
-            self.head_opt.step()
-        self.head_opt.zero_grad(set_to_none=True)
-
-    def discard(self) -> None:
-        self.zero_head_grads()
-
-    def modules(self) -> Mapping[str, nn.Module]:
-        return {} if self.heads is None else {"heads": self.heads}
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        if self.heads is not None:
-            state["heads"] = self.heads.state_dict()
-            state["head_opt"] = self.head_opt.state_dict()
-        elif self._pending_heads is not None:
-            state["heads"] = self._pending_heads["heads"]
-            state["head_opt"] = self._pending_heads["head_opt"]
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        if "heads" in state:
-            if self.heads is None:
-                self._pending_heads = {"heads": state["heads"], "head_opt": state["head_opt"]}
-            else:
-                self.heads.load_state_dict(state["heads"])
-                self.head_opt.load_state_dict(state["head_opt"])
 
 
 def predict_only(model: nn.Module, features: Sequence[Tensor], masks, keep) -> Tensor:

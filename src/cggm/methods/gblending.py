@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from ..types import ModelOutput
 from ._common import HeadMethod, epoch_losses
-from .base import EpochContext
+from .base import EpochContext, Support
 from .registry import register_method
 
 
@@ -60,6 +59,7 @@ class GBlending(HeadMethod):
     """
 
     name = "gblending"
+    support = Support(epoch_hooks=True)
 
     def __init__(self, super_epoch: int = 1, weights: Sequence[float] | None = None, head_lr: float = 1e-3,
                  head_weight_decay: float = 0.0) -> None:
@@ -68,8 +68,8 @@ class GBlending(HeadMethod):
             raise ValueError(f"G-Blending super_epoch must be >= 1, got {super_epoch}.")
         self.super_epoch = int(super_epoch)
         self.initial = None if weights is None else [float(w) for w in weights]
-        self.weights: Tensor | None = None
-        self.measured: Tensor | None = None  # [2, M+1] losses at the last measurement
+        self.add_state("weights", None)  # [M+1] (set at bind)
+        self.add_state("measured", None)  # [2, M+1] losses at the last measurement
 
     @property
     def head_names(self) -> list[str]:
@@ -101,15 +101,13 @@ class GBlending(HeadMethod):
         def fn(out, target):
             return self.head_losses(out, target).detach()
 
-        heads = self.heads
-        if heads is not None:
-            heads.eval()
+        if self.heads.built:
+            self.heads.modules.eval()
         train = epoch_losses(ctx, "train", fn)
         val = epoch_losses(ctx, "val", fn)
         return torch.stack([train, val]).cpu()
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
-        super().on_epoch_start(ctx)
         if self.measured is None:
             self.measured = self.measure(ctx)
 
@@ -120,14 +118,3 @@ class GBlending(HeadMethod):
         if self.measured is not None:
             self.weights = gblend_weights(self.measured, now)
         self.measured = now
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(weights=self.weights, measured=self.measured)
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        if state.get("weights") is not None:
-            self.weights = state["weights"].clone()
-        self.measured = state.get("measured")

@@ -49,8 +49,7 @@ class QMF(HeadMethod):
     """
 
     name = "qmf"
-    ddp_find_unused_parameters = True
-    support = Support(tasks=("classification",), needs="per-modality features", ddp=False)
+    support = Support(tasks=("classification",), needs="per-modality features", ddp=False, unused_parameters=True)
 
     def __init__(self, temperature: float = 10.0, rank_weight: float = 0.1, head_lr: float = 1e-3,
                  head_weight_decay: float = 0.0) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -14,6 +12,7 @@ from ..types import ModelOutput
 from ._common import HeadMethod
 from .base import EpochContext, Support
 from .registry import register_method
+from .state import AuxModules
 
 
 def reconboost_loss(z_m: Tensor, others: Tensor, target: Tensor, w1: float, w2: float) -> Tensor:
@@ -45,13 +44,14 @@ class ReconBoost(HeadMethod):
     term is off during each learner's first stage). This follows the authors' code (defaults
     w1 = 5, w2 = 1, alpha = 0.5, peers.md 2.2). Not implemented: the authors' "correction" epochs
     that fine-tune the whole ensemble after each stage, and their pretrained-learner option. The
-    model's own fusion head is not used. Cost: one frozen copy of the model and the active head,
-    and one extra no-grad forward per step when the GA term is on. Records ``stage`` and ``L_ga``.
+    model's own fusion head is not used. Cost: one frozen copy of the model and the heads (the
+    state ``snapshot``), and one extra no-grad forward per step when the GA term is on. Records
+    ``stage`` and ``L_ga``.
     """
 
     name = "reconboost"
-    ddp_find_unused_parameters = True
-    support = Support(tasks=("classification",), needs="per-modality features", ddp=False)
+    support = Support(tasks=("classification",), needs="per-modality features", ddp=False, unused_parameters=True,
+                      epoch_hooks=True)
 
     def __init__(self, w1: float = 5.0, w2: float = 1.0, alpha: float = 0.5, stage_epochs: int = 1,
                  stage_steps: int | None = None, head_lr: float = 1e-3, head_weight_decay: float = 0.0) -> None:
@@ -60,32 +60,37 @@ class ReconBoost(HeadMethod):
             raise ValueError("ReconBoost stage_epochs and stage_steps must be >= 1.")
         self.w1, self.w2, self.alpha = float(w1), float(w2), float(alpha)
         self.stage_epochs, self.stage_steps = int(stage_epochs), stage_steps
-        self.stage = 0
-        self._snapshot = None  # (stage, model copy, head copy)
-        self._batch = None
+        self.add_state("stage", 0)
+        # the GA term's reference: the model and the heads as they were when stage ``snapshot_stage`` began
+        self.add_state("snapshot_stage", None)
+        self.add_state("snapshot", self._frozen_copies())
+        self._batch = None  # this step's inputs and masks (transform_batch -> compute_loss)
 
     @property
     def active(self) -> int:
         return self.stage % len(self.modalities)
 
-    def prepare(self, inputs, masks):
-        self._batch = (inputs, masks)
+    def transform_batch(self, inputs, masks, training):
+        if training:
+            self._batch = (inputs, masks)
         return inputs, masks
+
+    def _frozen_copies(self) -> AuxModules:
+        """[model, heads], copied frozen when first used (or when a saved copy is loaded)."""
+        return AuxModules(lambda _, i: copy.deepcopy(self.heads.modules if i else self.model).requires_grad_(False))
 
     def _previous_logits(self, out: ModelOutput) -> Tensor | None:
         if self.alpha <= 0 or self.stage < len(self.modalities) or self._batch is None:
             return None
         m = self.active
-        if self._snapshot is None or self._snapshot[0] != self.stage:
-            model_copy = copy.deepcopy(self.model).requires_grad_(False)
-            head_copy = copy.deepcopy(self.heads[m]).requires_grad_(False)
-            self._snapshot = (self.stage, model_copy, head_copy)
-        _, model_copy, head_copy = self._snapshot
+        if self.snapshot_stage != self.stage:
+            self.snapshot, self.snapshot_stage = self._frozen_copies(), self.stage
+        model_copy, head_copies = self.snapshot.ensure([out.features[m]] * 2)
         model_copy.train(self.model.training)
         inputs, masks = self._batch
         with torch.no_grad():
             h = model_copy.encode(inputs, masks)[m]
-            return head_copy(h, out.mask(m))
+            return head_copies[m](h, out.mask(m))
 
     def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         m = self.active
@@ -101,8 +106,7 @@ class ReconBoost(HeadMethod):
             loss = loss + self.alpha * ga
         return loss
 
-    def commit(self, scaler=None) -> None:
-        super().commit(scaler)
+    def on_step_taken(self) -> None:
         # (the base class counts this step after commit: global_step + 1 steps are now taken)
         if self.stage_steps is not None and (self.global_step + 1) % self.stage_steps == 0:
             self.stage += 1
@@ -113,33 +117,3 @@ class ReconBoost(HeadMethod):
 
     def eval_prediction(self, out: ModelOutput) -> Tensor:
         return torch.stack(self.eval_logits(out)).sum(0)
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["stage"] = self.stage
-        if self._snapshot is not None:
-            state["snapshot"] = (self._snapshot[0], self._snapshot[1].state_dict(), self._snapshot[2].state_dict())
-        elif getattr(self, "_pending_snapshot", None) is not None:
-            state["snapshot"] = self._pending_snapshot
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.stage = int(state.get("stage", 0))
-        self._snapshot = None
-        snap = state.get("snapshot")
-        if snap is not None:
-            self._pending_snapshot = snap
-
-    def _ensure_heads(self, out: ModelOutput):
-        heads = super()._ensure_heads(out)
-        snap = getattr(self, "_pending_snapshot", None)
-        if snap is not None:
-            self._pending_snapshot = None
-            stage, model_state, head_state = snap
-            model_copy = copy.deepcopy(self.model).requires_grad_(False)
-            model_copy.load_state_dict(model_state)
-            head_copy = copy.deepcopy(heads[stage % len(self.modalities)]).requires_grad_(False)
-            head_copy.load_state_dict(head_state)
-            self._snapshot = (stage, model_copy, head_copy)
-        return heads

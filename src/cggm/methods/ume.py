@@ -26,8 +26,8 @@ class UME(HeadMethod):
     """
 
     name = "ume"
-    ddp_find_unused_parameters = True
-    support = Support(tasks=("classification", "regression"), needs="per-modality features", ddp=False)
+    support = Support(tasks=("classification", "regression"), needs="per-modality features", ddp=False,
+                      unused_parameters=True)
 
     def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         losses = [self.task.loss(z, target) for z in self.uni_logits(out, target)]
