@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -41,7 +38,8 @@ class InfoReg(HeadMethod):
     """
 
     name = "inforeg"
-    support = Support(tasks=("classification",), needs="a model that declares modality_parameters()")
+    support = Support(tasks=("classification",), needs="a model that declares modality_parameters()",
+                      edits_gradients=True, epoch_hooks=True)
 
     def __init__(self, beta: float = 0.95, threshold: float = 0.05, smooth: int = 3, head_lr: float = 1e-3,
                  head_weight_decay: float = 0.0) -> None:
@@ -49,14 +47,11 @@ class InfoReg(HeadMethod):
         if not beta >= 0 or smooth < 1:
             raise ValueError("InfoReg beta must be >= 0 and smooth >= 1.")
         self.beta, self.threshold, self.smooth = float(beta), float(threshold), int(smooth)
-        self.active = True
-        self.traces: list[float] = []
-        self.fisher_sum: Tensor | None = None
-        self.fisher_steps = 0
-        self.anchor: list[list[Tensor]] | None = None
-        self.coef: Tensor | None = None  # this step's coefficients (staged by compute_loss)
-        self._staged_fisher: Tensor | None = None
-        self._staged_anchor: list[list[Tensor]] | None = None
+        self.add_state("active", True)
+        self.add_state("traces", [])  # the Fisher trace of each epoch
+        self.add_state("fisher_sum", None)  # this epoch's steps so far
+        self.add_state("fisher_steps", 0)
+        self.add_state("anchor", None)  # theta_0 per modality: the encoders at the epoch's start
 
     def setup(self) -> None:
         self.modality_parameter_groups()
@@ -68,10 +63,11 @@ class InfoReg(HeadMethod):
             s = torch.stack([true_class_prob(z.detach(), target).mean() for z in logits])
             s = distributed.weighted_mean(s, target.shape[0])
             dominant = torch.arange(s.numel(), device=s.device) == s.argmax()
-            self.coef = self.beta * torch.exp(torch.tanh(s - others_mean(s))) * dominant.to(s.dtype)
+            coef = self.beta * torch.exp(torch.tanh(s - others_mean(s))) * dominant.to(s.dtype)
+        self.stage("coef", coef)  # used by this step's edit_gradients
         for i, m in enumerate(self.modalities):
             self.record(f"s/{m}", s[i])
-            self.record(f"beta/{m}", self.coef[i] if self.active else torch.zeros_like(self.coef[i]))
+            self.record(f"beta/{m}", coef[i] if self.active else torch.zeros_like(coef[i]))
         return task_loss + uni.sum()
 
     def _snapshot(self) -> list[list[Tensor]]:
@@ -80,37 +76,33 @@ class InfoReg(HeadMethod):
     def edit_gradients(self) -> None:
         groups = self.modality_parameter_groups()
         grads = [p.grad for ps in groups for p in ps if p.grad is not None]
-        self._staged_fisher = None
         if grads:
             f = torch.stack(torch._foreach_norm(grads)).square().sum()
             self.record("fisher", f)
-            self._staged_fisher = f  # counted when the step is taken
-        anchor = self._staged_anchor = self.anchor if self.anchor is not None else self._snapshot()
-        if not self.active or self.coef is None:
+            self.stage("fisher", f)  # counted when the step is taken
+        anchor = self.anchor
+        if anchor is None:  # no epoch started: the parameters before this step (kept if it is taken)
+            anchor = self._snapshot()
+            self.stage("anchor", anchor)
+        coef = self.staged("coef")
+        if not self.active or coef is None:
             return
         with torch.no_grad():
             for i, (ps, ref) in enumerate(zip(groups, anchor)):
-                c = self.coef[i]
+                c = coef[i]
                 for p, a in zip(ps, ref):
                     if p.grad is not None:
                         p.grad.add_((p.detach() - a) * c.to(p.dtype))
 
-    def commit(self, scaler=None) -> None:
-        super().commit(scaler)
-        if self._staged_fisher is not None:
-            f = self._staged_fisher
+    def on_step_taken(self) -> None:
+        f = self.staged("fisher")
+        if f is not None:
             self.fisher_sum = f if self.fisher_sum is None else self.fisher_sum + f
             self.fisher_steps += 1
         if self.anchor is None:
-            self.anchor = self._staged_anchor
-        self._staged_fisher, self._staged_anchor, self.coef = None, None, None
-
-    def discard(self) -> None:
-        super().discard()
-        self._staged_fisher, self._staged_anchor, self.coef = None, None, None
+            self.anchor = self.staged("anchor")
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
-        super().on_epoch_start(ctx)
         self.anchor = self._snapshot()
 
     def on_epoch_end(self, ctx: EpochContext) -> None:
@@ -125,17 +117,3 @@ class InfoReg(HeadMethod):
         k = (now - before) / now if now > 0 else 0.0
         if self.active and k <= self.threshold:
             self.active = False
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(active=self.active, traces=list(self.traces), fisher_sum=self.fisher_sum,
-                     fisher_steps=self.fisher_steps, anchor=self.anchor)
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.active = bool(state.get("active", True))
-        self.traces = list(state.get("traces", []))
-        self.fisher_sum, self.fisher_steps = state.get("fisher_sum"), int(state.get("fisher_steps", 0))
-        a = state.get("anchor")
-        self.anchor = None if a is None else [[t.clone() for t in ps] for ps in a]
