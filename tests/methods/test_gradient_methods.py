@@ -169,7 +169,7 @@ def test_mmpareto_writes_combined_encoder_gradients():
     inputs, masks, target = batch(data)
     out = model(inputs, masks)
     loss = method.loss(out, target, data.task.loss(out.prediction, target))
-    l_mm, uni = method._parts
+    l_mm, *uni = method.staged("parts")
     ps = list(model.encoders[data.modalities[0]].parameters())
     g_mm = torch.autograd.grad(l_mm, ps, retain_graph=True)
     g_u = torch.autograd.grad(uni[0], ps, retain_graph=True)

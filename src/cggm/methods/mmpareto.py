@@ -63,26 +63,22 @@ class MMPareto(HeadMethod):
     """
 
     name = "mmpareto"
-    support = Support(needs="a model that declares modality_parameters(); per-modality features")
+    support = Support(needs="a model that declares modality_parameters(); per-modality features",
+                      edits_gradients=True)
 
     def __init__(self, gamma: float = 1.5, head_lr: float = 1e-3, head_weight_decay: float = 0.0) -> None:
         super().__init__(head_lr, head_weight_decay)
         if not gamma > 0:
             raise ValueError(f"MMPareto gamma must be > 0, got {gamma}.")
         self.gamma = float(gamma)
-        self._parts: tuple[Tensor, list[Tensor]] | None = None
 
     def setup(self) -> None:
         self.modality_parameter_groups()
 
     def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         uni = [self.task.loss(z, target) for z in self.uni_logits(out, target)]
-        self._parts = (task_loss, uni)
+        self.stage("parts", [task_loss, *uni])  # L_mm and each L_m, for this step's compute_gradients
         return task_loss + torch.stack(uni).sum()
-
-    def discard(self) -> None:
-        super().discard()
-        self._parts = None
 
     def _grads(self, loss: Tensor, params: list[torch.nn.Parameter]) -> list[Tensor]:
         gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
@@ -97,11 +93,11 @@ class MMPareto(HeadMethod):
         return gs
 
     def compute_gradients(self, loss: Tensor) -> None:
-        if self._parts is None:
+        parts = self.staged("parts")
+        if parts is None:
             loss.backward()
             return
-        l_mm, uni = self._parts
-        self._parts = None
+        l_mm, *uni = parts
         groups = self.modality_parameter_groups()
         combined = []
         for i, ps in enumerate(groups):
