@@ -40,7 +40,8 @@ class MSLR(Method):
     """
 
     name = "mslr"
-    support = Support(needs="a model that declares modality_parameters(); dynamic=True: classification")
+    support = Support(needs="a model that declares modality_parameters(); dynamic=True: classification",
+                      param_groups=True, epoch_hooks=True)
 
     def __init__(self, lr_scales: Mapping[str, float] | Sequence[float] | None = None, shared_lr_scale: float = 1.0,
                  dynamic: bool = True, window: int = 3, every: int = 1) -> None:
@@ -51,8 +52,8 @@ class MSLR(Method):
         self.shared_lr_scale = float(shared_lr_scale)
         self.dynamic, self.window, self.every = bool(dynamic), int(window), int(every)
         self.lr_scales: dict[str, float] = {}
-        self.multipliers: list[float] = []
-        self.history: list[list[float]] = []
+        self.add_state("multipliers", [])  # c_m (set at bind)
+        self.add_state("history", [])  # each epoch's unimodal validation accuracies
 
     def setup(self) -> None:
         self.modality_parameter_groups()  # raises if the model cannot split parameters
@@ -85,7 +86,7 @@ class MSLR(Method):
             groups.append({"params": shared, "lr_scale": self.shared_lr_scale})
         return groups
 
-    def update(self, take_step) -> bool:
+    def wrap_optimizer_step(self, take_step) -> bool:
         mult = self.multipliers
         for m, c in zip(self.modalities, mult):
             self.record(f"lr_mult/{m}", torch.tensor(c))
@@ -132,13 +133,3 @@ class MSLR(Method):
                     self.multipliers[i] *= acc[i] / ref
         self.history.append(acc)
         self.multipliers = distributed.broadcast_object(self.multipliers)
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(multipliers=list(self.multipliers), history=[list(h) for h in self.history])
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.multipliers = list(state.get("multipliers", self.multipliers))
-        self.history = [list(h) for h in state.get("history", [])]
