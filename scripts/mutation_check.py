@@ -20,6 +20,8 @@ shutil.copytree(ROOT / "tests", MUT / "tests")
 TESTS = ["tests/test_shapley.py", "tests/test_equations.py", "tests/test_trust.py", "tests/test_one_backward.py", "tests/methods",
          "tests/test_engine.py", "tests/test_bayes.py", "-k", "not 100k"]
 MUTANTS = {
+ "cml: no stop-gradient on the superset confidence when both levels are wrong": ("cggm/methods/cml.py",
+   "(conf[lv + 1] - conf[lv].detach())", "(conf[lv + 1] - conf[lv])"),
  "mbsd: weight w not gated by correctness": ("cggm/methods/mbsd.py",
    "torch.where(correct, (ta - tb).abs(), torch.zeros_like(ta))", "(ta - tb).abs()"),
  "Shapley: uniform weights instead of |S|!(M-|S|-1)!/M!": ("cggm/diagnostics/shapley.py",

@@ -17,6 +17,10 @@ def _softmax(row):
     return [v / sum(e) for v in e]
 
 
+def _ce(logits, y):
+    return -sum(math.log(_softmax(r)[y[i]]) for i, r in enumerate(logits)) / len(y)
+
+
 def hand_pair(za, zb, y, rs_on="logits"):
     """Per-sample loops with Python floats: (w, RS, KL) of the 'bmm' variant."""
     ws, rss, kls = [], [], []
@@ -64,8 +68,7 @@ def test_total_loss_and_gradients_m2_and_m3():
             s += d
         y = target.tolist()
         z = out.prediction.detach()
-        ce = lambda logits: -sum(math.log(_softmax(r)[y[i]]) for i, r in enumerate(logits)) / len(y)  # noqa: E731
-        expected = ce(z.tolist()) + sum(ce(zm) for zm in zs)
+        expected = _ce(z.tolist(), y) + sum(_ce(zm, y) for zm in zs)
         pairs = [(0, 1)] if M == 2 else [(0, 1), (0, 2), (1, 2)]
         for a, c in pairs:
             hw, hrs, hkl = hand_pair(zs[a], zs[c], y, "logits" if M == 2 else "probs")

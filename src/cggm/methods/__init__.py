@@ -29,3 +29,4 @@ __all__ = [
 from . import agm, gblending, greedy, inforeg, mmpareto, mrd, mslr, ogm_ge, pmr, qmf, reconboost, ume, umt  # noqa: E402,F401,I001
 from . import mmcosine  # noqa: E402,F401,I001
 from . import mbsd  # noqa: E402,F401,I001
+from . import cml  # noqa: E402,F401,I001
