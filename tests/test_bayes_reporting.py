@@ -103,3 +103,14 @@ def test_gap_decomposition_report(tmp_path):
     assert "+0.020 / +0.010 / +0.050" in md
     # selected on validation: rho 2.0, share (0.75 - 0.70) / (0.80 - 0.70) = 0.5
     assert '| 1 | cggm | {}: 0.700 / 0.700; {"rho": 2.0}: 0.800 / 0.750 | {"rho": 2.0} | 0.750 ± 0.000 | +0.50' in md
+
+
+def test_cggm_bench_prints_the_ceiling(capsys):
+    from cggm.cli import main
+
+    assert main(["bench", "--dataset", "synthetic", "--methods", "joint", "--seeds", "1",
+                 "--set", "train.epochs=1", "--set", "dataset.options.imbalance=1.0"]) == 0
+    b = load_dataset("synthetic", imbalance=1.0).bayes_optimal("test")
+    out = capsys.readouterr().out
+    assert (f"Bayes-optimal test accuracy (exact; no method can do better in expectation): strong {b['strong']:.4f}, "
+            f"weak {b['weak']:.4f}, fused {b['fused']:.4f}") in out
