@@ -109,7 +109,9 @@ class MethodModule(pl.LightningModule):
         self.skipped_steps = 0
         self._pending: dict[str, Any] | None = None  # a loaded checkpoint's cggm state, applied on the model's device
         self._pending_rng: dict[str, Any] | None = None
-        self._evals: dict[int, EvalStep] = {}
+        self._eval: EvalStep | None = None  # the loader being scored
+        self._eval_idx: int | None = None
+        self._evals: dict[int, dict[str, float]] = {}  # each scored loader's metrics
         self._epoch_ended = -1
 
     # -- model and optimizer ---------------------------------------------------------------------
@@ -243,20 +245,33 @@ class MethodModule(pl.LightningModule):
 
     def _eval_begin(self) -> None:
         self._apply_pending()
-        self._evals: dict[int, EvalStep] = {}
+        self._eval, self._eval_idx, self._evals = None, None, {}
 
     def _eval_step(self, batch: Any, dataloader_idx: int = 0) -> None:
-        if dataloader_idx not in self._evals:  # each loader scored on its own, never pooled
-            self._evals[dataloader_idx] = EvalStep(self.model, self.method, self.task, self.device, sync=False)
-        self._evals[dataloader_idx](*batch)
+        # each loader scored on its own, never pooled. Lightning runs the loaders one after the other;
+        # a loader's metrics are computed when the next one starts: one EvalStep at a time, since
+        # EvalSteps reuse the task's metric tracker and the method's own metric objects (CGGM's clf)
+        if dataloader_idx != self._eval_idx:
+            self._close_eval()
+            if dataloader_idx in self._evals:
+                raise RuntimeError(f"Validation loader {dataloader_idx} came back after another one: MethodModule "
+                                   f"scores the loaders one after the other (Lightning's sequential mode).")
+            self._eval_idx = dataloader_idx
+            self._eval = EvalStep(self.model, self.method, self.task, self.device, sync=False)
+        self._eval(*batch)
+
+    def _close_eval(self) -> None:
+        if self._eval is not None:
+            self._evals[self._eval_idx] = self._eval.compute()
+            self._eval = None
 
     def _eval_end(self, prefix: str) -> dict[str, float]:
         """Log each loader's metrics (the first's as ``val/<name>``, loader i's as
         ``val/<name>/dataloader_idx_<i>``, Lightning's convention); the first loader's are returned (the
         validation split the method's epoch hook and checkpoint selection see)."""
+        self._close_eval()
         first: dict[str, float] = {}
-        for idx, step in sorted(self._evals.items()):
-            metrics = step.compute()
+        for idx, metrics in sorted(self._evals.items()):
             suffix = "" if idx == 0 else f"/dataloader_idx_{idx}"
             self.log_dict({f"{prefix}/{k}{suffix}": float(v) for k, v in metrics.items()}, prog_bar=False,
                           add_dataloader_idx=False)
