@@ -36,6 +36,8 @@ def setup(**kw):
     torch.manual_seed(0)
     model = TwoModal()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    # B on updates: with B on gradients, gradient accumulation is refused (test_accumulation.py)
+    kw.setdefault("scale_on", "update")
     method = CGGM(head_layer=model.fc, classifier_optimizer="sgd", classifier_lr=0.1, **kw)
     method.bind(model, TASK, ["audio", "video"], optimizer=opt,
                 modality_parameters=[model.audio.parameters(), model.video.parameters()])

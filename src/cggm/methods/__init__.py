@@ -7,7 +7,7 @@ from functools import partial
 from . import joint, unimodal  # noqa: F401  (register "joint", "unimodal")
 from .base import EpochContext, Method, ProtocolError, Support, UnsupportedSettingError
 from .cggm import CGGM, DirectionTerm, GradientCosine, WeightCosine, gradient_modulation_loss
-from .improvement import ImprovementRule, PaperRule, RobustRule, UnderuseRule, build_rule
+from .cggm.rules import ImprovementRule, PaperRule, RobustRule, UnderuseRule, build_rule
 from .registry import METHODS, build_method, list_methods, register_method
 
 # CGGM variants, by name (ablations of the paper's Table 6 and the official-code behaviour)

@@ -154,10 +154,13 @@ class StepProtocol:
         micro-batch, dropped if the step is skipped."""
         self._stage_values.setdefault(name, []).append(value)
 
-    def staged(self, name: str, default: Any = None) -> Any:
+    def staged(self, name: str, default: Any = None, *, all: bool = False) -> Any:
         """The mean over this step's micro-batches of what was staged as ``name`` (the value itself
-        for one micro-batch; element-wise for lists), or ``default`` if nothing was."""
+        for one micro-batch; element-wise for lists), or ``default`` if nothing was; ``all=True``:
+        the list of the micro-batches' values."""
         values = self._stage_values.get(name)
+        if all:
+            return list(values or [])
         if not values:
             return default
         if len(values) == 1:

@@ -81,6 +81,11 @@ class AuxModules(StateItem):
     def built(self) -> bool:
         return self.modules is not None
 
+    @property
+    def has_state(self) -> bool:
+        """Built, or a saved state waits to be loaded into them when they are."""
+        return self.modules is not None or self._pending is not None
+
     def ensure(self, features: Sequence[Tensor]) -> nn.ModuleList:
         """The modules, built from ``features`` (one per modality) if they are not yet."""
         if self.modules is None:
