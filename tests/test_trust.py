@@ -13,7 +13,7 @@ from torch import nn
 
 from cggm import CGGM, ModelOutput, ProtocolError, Task, build_method, list_methods
 from cggm.data import load_dataset
-from cggm.methods import PaperRule, UnsupportedSettingError
+from cggm.methods import EpochContext, PaperRule, UnsupportedSettingError
 from cggm.models import build_model
 from cggm.training import TrainConfig, Trainer
 
@@ -232,6 +232,8 @@ def test_a_skipped_nan_step_leaves_the_method_untouched(name):
     opt = torch.optim.Adam([g for g in method.param_groups(model)][0]["params"], lr=1e-2) \
         if len(method.param_groups(model)) == 1 else torch.optim.Adam(method.param_groups(model), lr=1e-2)
     method.set_optimizer(opt)
+    batches = [d.train.get_batch(torch.arange(s, s + 16)) for s in range(0, 64, 16)]
+    method.begin_epoch(EpochContext.from_loaders(model, d.task, 0, 1, train=batches, val=batches))
 
     def attempt(inputs, masks, y):
         inputs, masks = method.prepare(inputs, masks)
