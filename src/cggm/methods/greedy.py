@@ -43,7 +43,7 @@ class Greedy(Method):
 
     name = "greedy"
     support = Support(needs="a model that declares modality_parameters() and has encode/predict",
-                      unused_parameters=True, edits_gradients=True)
+                      unused_parameters=True, edits_gradients=True, epoch_hooks=True)  # start_epoch: reads the epoch
 
     def __init__(self, window: int = 5, threshold: float = 0.01, start_epoch: int = 2, momentum: float = 0.9) -> None:
         super().__init__()
