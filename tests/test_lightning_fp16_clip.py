@@ -23,7 +23,6 @@ import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 
 from cggm.data import load_dataset  # noqa: E402
-from cggm.data.base import collate  # noqa: E402
 from cggm.integrations.lightning import MethodModule, dataloader  # noqa: E402
 from cggm.methods import build_method  # noqa: E402
 from cggm.models import build_model  # noqa: E402
