@@ -167,23 +167,6 @@ class _FeatureMasked(nn.Module):
         return ModelOutput(self.model.predict(features, feature_masks), features, feature_masks)
 
 
-def _input_means(split, modalities: Sequence[str], batch_size: int) -> dict[str, torch.Tensor]:
-    """Each modality's mean input over ``split``, ``[1, *shape]``: in-memory inputs directly, a split
-    that only serves batches (memory-mapped caches) read through the engine's batch iterator."""
-    inputs = getattr(split, "inputs", None)
-    if isinstance(inputs, Mapping):
-        return {m: inputs[m].float().mean(0, keepdim=True) for m in modalities}
-    from ..data.base import BatchIterator
-
-    sums, count = {}, 0
-    for batch, _, _ in BatchIterator(split, batch_size, shuffle=False):
-        for m in modalities:
-            total = batch[m].double().sum(0, keepdim=True)
-            sums[m] = total if m not in sums else sums[m] + total
-        count += int(batch[modalities[0]].shape[0])
-    return {m: (v / count).float() for m, v in sums.items()}
-
-
 def shapley_contributions(model: nn.Module, method, data, task: Task | None = None, *, split: str = "val",
                           masking: str = "mean", metric: str | None = None, batch_size: int = 512,
                           fill: Mapping[str, torch.Tensor] | None = None,
@@ -205,6 +188,7 @@ def shapley_contributions(model: nn.Module, method, data, task: Task | None = No
 
     2^M evaluations of the split; more than :data:`MAX_MODALITIES` modalities are refused.
     """
+    from ..data.stream import input_means
     from ..training.evaluation import evaluate, replace_inputs
 
     if masking not in MASKINGS:
@@ -235,7 +219,7 @@ def shapley_contributions(model: nn.Module, method, data, task: Task | None = No
     if fill is not None and masking != "mean":
         raise ValueError(f"fill= gives the replacement inputs of masking='mean'; masking={masking!r} takes none.")
     if masking == "mean" and fill is None:
-        fill = _input_means(reference, modalities, batch_size)
+        fill = input_means(reference, modalities, batch_size)  # the removal diagnostic's, without augmentation
     elif masking == "zero":
         fill = {m: torch.zeros(1) for m in modalities}  # broadcast to any input shape
     if masking != "features":
