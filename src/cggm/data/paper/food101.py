@@ -32,7 +32,11 @@ images or ``transformers``, when it holds ``meta.json``)::
     {train,test}_labels.npy   int (N,), indices into "classes"
 
 The cache is read through memory maps, so it need not fit in RAM. By default it is written to
-``path/cggm_features/<hash of the settings>/`` (``cache_dir`` to change).
+``path/cggm_features/<hash of the settings>_<hash of the sources>/`` (``cache_dir`` to change); the
+sources are the name, size and modification time of the text lists, the images and the model
+folders' files, so changed data or models extract again. It is built like the audio-visual cache
+(:func:`cggm.data.paper._common.build_atomically`): in a folder of its own renamed into place,
+once when several processes need it, with its disk space reserved after the first batch.
 
 Validation is carved from the TRAINING set (never from test): a class-stratified
 ``val_fraction`` (default 10 %) of the training rows, drawn with ``seed`` (default 0).
@@ -45,8 +49,8 @@ cached features of a frozen backbone; the official code does not apply it either
 from __future__ import annotations
 
 import csv
+import errno
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +61,18 @@ from ..._optional import require
 from ...types import Task
 from ..base import DataError, DataSplits, stratified_split
 from ..registry import register_dataset
-from ._common import check_class_labels, check_finite, existing_dir, open_cached_array, settings_hash, sorted_rows
+from ._common import (
+    build_atomically,
+    check_class_labels,
+    check_finite,
+    existing_dir,
+    files_signature,
+    no_space_error,
+    open_cached_array,
+    reserve_arrays,
+    settings_hash,
+    sorted_rows,
+)
 
 FORMAT = "cggm-food101-features"
 MODALITIES = ("image", "text")
@@ -206,7 +221,8 @@ def _image_file(root: Path, split: str, image_id: str, label: str) -> Path:
 def extract_features(path: str | Path, vit: str | Path, bert: str | Path, out_dir: str | Path,
                      image_grid: int | None = 7, text_len: int = 50, batch_size: int = 64,
                      device: str = "cpu", dtype: str = "float16", log=print) -> Path:
-    """Encode the raw Food-101 data with the frozen local ViT and BERT into a cache at ``out_dir``."""
+    """Encode the raw Food-101 data with the frozen local ViT and BERT into a cache at ``out_dir``
+    (kept if ``out_dir`` already holds a complete cache, e.g. built meanwhile by another process)."""
     transformers = require("transformers", "features", "Food-101 feature extraction")
     image_mod = require("PIL.Image", "features", "Food-101 feature extraction")
     root = existing_dir(path, "UPMC-Food-101 folder")
@@ -231,43 +247,63 @@ def extract_features(path: str | Path, vit: str | Path, bert: str | Path, out_di
     store = np.float16 if dtype == "float16" else np.float32
 
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     index = {c: k for k, c in enumerate(classes)}
-    for split in ("train", "test"):
-        n = len(rows[split])
-        img_arr = txt_arr = mask_arr = None
-        labels = np.asarray([index[lab] for _, _, lab in rows[split]], dtype=np.int64)
-        np.save(tmp / f"{split}_labels.npy", labels)
-        for start in range(0, n, batch_size):
-            chunk = range(start, min(n, start + batch_size))
-            pixels = torch.stack([_load_image(image_mod, files[split][i], size, mean, std) for i in chunk]).to(device)
-            with torch.no_grad():
-                img = _image_tokens(vit_model(pixel_values=pixels).last_hidden_state, image_grid)
-                enc = tokenizer([rows[split][i][1] for i in chunk], max_length=text_len, truncation=True,
-                                padding="max_length", return_tensors="pt")
-                enc = {k: v.to(device) for k, v in enc.items()}
-                txt = bert_model(**enc).last_hidden_state
-            if img_arr is None:
-                img_arr = np.lib.format.open_memmap(tmp / f"{split}_image.npy", "w+", store, (n, *img.shape[1:]))
-                txt_arr = np.lib.format.open_memmap(tmp / f"{split}_text.npy", "w+", store, (n, *txt.shape[1:]))
-                mask_arr = np.lib.format.open_memmap(tmp / f"{split}_text_mask.npy", "w+", bool, (n, txt.shape[1]))
-            img_arr[chunk.start:chunk.stop] = img.float().cpu().numpy().astype(store)
-            txt_arr[chunk.start:chunk.stop] = txt.float().cpu().numpy().astype(store)
-            mask_arr[chunk.start:chunk.stop] = enc["attention_mask"].bool().cpu().numpy()
-            if log is not None and (start // batch_size) % 50 == 0:
-                log(f"food101: encoded {chunk.stop}/{n} {split} samples")
-        for arr in (img_arr, txt_arr, mask_arr):
-            arr.flush()
-        del img_arr, txt_arr, mask_arr
-    meta = {"format": FORMAT, "classes": classes,
-            "settings": {"vit": str(vit_dir), "bert": str(bert_dir), "image_grid": image_grid, "text_len": text_len,
-                         "image_size": size, "mean": mean.tolist(), "std": std.tolist(), "dtype": dtype}}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    need = [0]
+
+    def extract(tmp: Path) -> None:
+        arrays: dict[Path, np.memmap] = {}
+        for split in ("train", "test"):
+            n = len(rows[split])
+            labels = np.asarray([index[lab] for _, _, lab in rows[split]], dtype=np.int64)
+            np.save(tmp / f"{split}_labels.npy", labels)
+            for start in range(0, n, batch_size):
+                chunk = range(start, min(n, start + batch_size))
+                pixels = torch.stack([_load_image(image_mod, files[split][i], size, mean, std) for i in chunk])
+                with torch.no_grad():
+                    img = _image_tokens(vit_model(pixel_values=pixels.to(device)).last_hidden_state, image_grid)
+                    enc = tokenizer([rows[split][i][1] for i in chunk], max_length=text_len, truncation=True,
+                                    padding="max_length", return_tensors="pt")
+                    enc = {k: v.to(device) for k, v in enc.items()}
+                    txt = bert_model(**enc).last_hidden_state
+                if not arrays:  # the first batch gives every array's shape: reserve the whole cache's space
+                    plan = {}
+                    for sp in ("train", "test"):
+                        m = len(rows[sp])
+                        plan[tmp / f"{sp}_image.npy"] = (store, (m, *img.shape[1:]))
+                        plan[tmp / f"{sp}_text.npy"] = (store, (m, *txt.shape[1:]))
+                        plan[tmp / f"{sp}_text_mask.npy"] = (np.dtype(bool), (m, txt.shape[1]))
+                    need[0] = sum(int(np.dtype(d).itemsize * np.prod(sh, dtype=np.int64)) for d, sh in plan.values())
+                    arrays = reserve_arrays(out, plan)
+                img_arr, txt_arr = arrays[tmp / f"{split}_image.npy"], arrays[tmp / f"{split}_text.npy"]
+                mask_arr = arrays[tmp / f"{split}_text_mask.npy"]
+                img_arr[chunk.start:chunk.stop] = img.float().cpu().numpy().astype(store)
+                txt_arr[chunk.start:chunk.stop] = txt.float().cpu().numpy().astype(store)
+                mask_arr[chunk.start:chunk.stop] = enc["attention_mask"].bool().cpu().numpy()
+                if log is not None and (start // batch_size) % 50 == 0:
+                    log(f"food101: encoded {chunk.stop}/{n} {split} samples")
+            for name in ("image", "text", "text_mask"):
+                arrays.pop(tmp / f"{split}_{name}.npy").flush()
+        meta = {"format": FORMAT, "classes": classes,
+                "settings": {"vit": str(vit_dir), "bert": str(bert_dir), "image_grid": image_grid,
+                             "text_len": text_len, "image_size": size, "mean": mean.tolist(), "std": std.tolist(),
+                             "dtype": dtype}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    try:
+        build_atomically(out, extract, "meta.json", log)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT) and "not enough disk space" not in str(err):
+            raise no_space_error(out, need[0], err) from err  # a small file's write ran out of space
+        raise
     return out
+
+
+def _sources(root: Path, vit: str, bert: str) -> list[Path]:
+    """What a feature cache is extracted from: the text lists, every listed image, the models' files."""
+    lists = {split: _csv_file(root, split) for split in ("train", "test")}
+    images = [_image_file(root, split, i, lab) for split, f in lists.items() for i, _, lab in read_rows(f)]
+    models = [f for d in (vit, bert) for f in sorted(Path(d).expanduser().rglob("*")) if f.is_file()]
+    return [*lists.values(), *images, *models]
 
 
 def _vit_stats(vit_dir: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -328,7 +364,7 @@ def load_food101(path: str, vit: str | None = None, bert: str | None = None, fea
     settings = {"vit": str(Path(vit).expanduser().resolve()), "bert": str(Path(bert).expanduser().resolve()),
                 "image_grid": image_grid, "text_len": text_len, "dtype": dtype}
     folder = Path(cache_dir).expanduser() if cache_dir else root / "cggm_features"
-    folder = folder / settings_hash(settings)
+    folder = folder / f"{settings_hash(settings)}_{files_signature(_sources(root, vit, bert))[:12]}"
     if not (folder / "meta.json").is_file():
         extract_features(root, vit, bert, folder, image_grid, text_len, batch_size, device, dtype)
     return read_cache(folder, val_fraction, seed)
