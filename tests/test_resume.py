@@ -16,7 +16,7 @@ import torch
 
 from cggm import cli
 from cggm.data import load_dataset
-from cggm.methods import Method, build_method, list_methods
+from cggm.methods import Method, Support, build_method, list_methods
 from cggm.models.factory import build_model
 from cggm.training import CheckpointError, NonFiniteError, TrainConfig, Trainer, load_checkpoint, seed_everything
 from cggm.training import checkpoint as checkpoint_module
@@ -298,6 +298,7 @@ class NonFiniteAt(Method):
     """Joint training whose loss (or one gradient) is made non-finite at the given steps."""
 
     name = "nonfinite-test"
+    support = Support(edits_gradients=True)
 
     def __init__(self, steps, where="loss"):
         super().__init__()
