@@ -212,6 +212,7 @@ def test_greedy_rebalances_the_slow_modality():
     model = tiny_model(data)
     method = build_method("greedy", window=2, threshold=0.0, start_epoch=0).bind(model, data.task, data.modalities)
     opt = make_optimizer(model, method, kind="sgd")
+    method.begin_epoch(context(data, model, 0))
     speeds = torch.zeros(2)
     for step in range(2):
         train_step(model, method, opt, *batch(data, start=8 * step))
