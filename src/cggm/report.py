@@ -196,6 +196,9 @@ def run_benchmark(cfg: dict[str, Any], datasets: Sequence[str], methods: Sequenc
         log(f"[{ds}] {data.description}")
         entry = {"name": ds, "options": opts, "description": data.description, "modalities": list(data.modalities),
                  "sizes": {k: len(getattr(data, k)) for k in ("train", "val", "test")}, "runs": [], "skipped": {}}
+        if hasattr(data, "bayes_optimal"):  # data that knows its ceiling (synthetic): exact, on the test split
+            entry["bayes"] = data.bayes_optimal("test")
+            log("  Bayes-optimal test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in entry["bayes"].items()))
         entry["failed"] = []
         t_ds = time.perf_counter()
 
@@ -326,6 +329,11 @@ def dataset_markdown(entry: dict[str, Any], seeds: int | None = None) -> str:
         lines.append("| " + " | ".join(row) + " |")
     for label, why in entry.get("skipped", {}).items():
         lines.append(f"| {label} | skipped: {why.splitlines()[0][:140]} |" + " |" * (len(head) - 2))
+    if entry.get("bayes"):  # the best any classifier can do on this data, from its generator
+        b = entry["bayes"]
+        row = ["Bayes-optimal (exact)", f"{b['fused']:.3f}", "—", f"{b['fused'] - s['joint']['test']['mean']:+.3f}"
+               if "joint" in s else "—"] + [f"{b[m]:.3f} (alone)" if m in b else "—" for m in mods]
+        lines.append("| " + " | ".join(row + ["—"] * (len(head) - len(row))) + " |")
     for f in entry.get("failed", []):
         lines.append(f"| {f['label']} | FAILED (seed {f['seed']}): {f['error'].splitlines()[0][:140]} |"
                      + " |" * (len(head) - 2))
