@@ -246,8 +246,12 @@ def cmd_fetch(args) -> int:
 def cmd_list(what: str) -> int:
     if what == "methods":
         from .methods import list_methods
+        from .methods.registry import method_info
 
-        print("\n".join(list_methods()))
+        infos = [method_info(n) for n in list_methods()]
+        width = max(len(i.name) for i in infos)
+        for i in infos:
+            print(f"{i.name:<{width}}  {i.summary}\n{'':<{width}}  source: {i.source or '-'}")
     elif what == "datasets":
         from .data import list_datasets
 

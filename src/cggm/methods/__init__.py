@@ -12,12 +12,17 @@ from .registry import METHODS, build_method, list_methods, register_method
 
 # CGGM variants, by name (ablations of the paper's Table 6 and the official-code behaviour)
 # the paper's raw Eq. 7 acts on gradients, before clipping (Eq. 8); on updates its unbounded B is refused
-register_method("cggm_paper", partial(CGGM, rule="paper", scale_on="gradient"))
-register_method("cggm_official", CGGM.official)
+register_method("cggm_paper", partial(CGGM, rule="paper", scale_on="gradient"),
+                summary="CGGM with the paper's raw Eq. 7 (unbounded B), B on gradients before clipping (Eq. 8).")
+register_method("cggm_official", CGGM.official,
+                summary="CGGM as the official code runs it: published Eq. 7, sign-accuracy metric, one-step-late weight cosine.")
 # ours: B from each classifier's level relative to the others' (under-use), not from improvement
-register_method("cggm_underuse", partial(CGGM, rule="underuse"))
-register_method("cggm_magnitude", partial(CGGM, lam=0.0, direction="off"))
-register_method("cggm_direction", partial(CGGM, magnitude=False))
+register_method("cggm_underuse", partial(CGGM, rule="underuse"),
+                summary="CGGM with our under-use rule: B from each classifier's smoothed level, not its improvement (ours).")
+register_method("cggm_magnitude", partial(CGGM, lam=0.0, direction="off"),
+                summary="CGGM's magnitude modulation only (no direction term; the paper's Table 6 ablation).")
+register_method("cggm_direction", partial(CGGM, magnitude=False),
+                summary="CGGM's direction term only (B not applied to the encoders; the paper's Table 6 ablation).")
 
 __all__ = [
     "CGGM", "METHODS", "DirectionTerm", "EpochContext", "GradientCosine", "ImprovementRule", "Method", "PaperRule",

@@ -86,6 +86,8 @@ class AGM(Method):
     """
 
     name = "agm"
+    source = ('Li et al., "Boosting Multi-modal Model Performance with Adaptive Gradient Modulation", ICCV 2023 '
+              "(official code unread; follows BalanceMM's reimplementation)")
     support = Support(tasks=("classification",), max_modalities=6,
                       needs="encode/predict with zeroable features; 2^M - 1 extra head passes per step")
 

@@ -89,6 +89,7 @@ class CML(Method):
     """
 
     name = "cml"
+    source = 'Ma et al., "Calibrating Multimodal Learning", ICML 2023 (arXiv:2306.01265); code QingyangZhang/CML'
     support = Support(tasks=("classification",), needs="model.predict on (per-sample) zero-filled features; "
                                                        "M - 1 extra head passes per step")
 

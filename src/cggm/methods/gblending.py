@@ -59,6 +59,7 @@ class GBlending(HeadMethod):
     """
 
     name = "gblending"
+    source = 'Wang, Tran, Feiszli, "What Makes Training Multi-Modal Classification Networks Hard?", CVPR 2020 (arXiv:1905.12681)'
     support = Support(epoch_hooks=True)
 
     def __init__(self, super_epoch: int = 1, weights: Sequence[float] | None = None, head_lr: float = 1e-3,

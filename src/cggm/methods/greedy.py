@@ -42,6 +42,7 @@ class Greedy(Method):
     """
 
     name = "greedy"
+    source = 'Wu, Jastrzebski, Cho, Geras, ICML 2022 (arXiv:2202.05306); adapted to late fusion'
     support = Support(needs="a model that declares modality_parameters() and has encode/predict",
                       unused_parameters=True, edits_gradients=True, epoch_hooks=True)  # start_epoch: reads the epoch
 

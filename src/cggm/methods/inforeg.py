@@ -38,6 +38,7 @@ class InfoReg(HeadMethod):
     """
 
     name = "inforeg"
+    source = '"Adaptive Unimodal Regulation for Balanced Multimodal Information Acquisition", CVPR 2025; code GeWu-Lab/InfoReg_CVPR2025'
     support = Support(tasks=("classification",), needs="a model that declares modality_parameters()",
                       edits_gradients=True, epoch_hooks=True)
 

@@ -85,6 +85,7 @@ class MBSD(Method):
     """
 
     name = "mbsd"
+    source = '"Liu et al., WSDM 2023" per BalanceMM (GeWu-Lab/BalanceBenchmark); paper unseen, no official code: BalanceMM\'s code'
     support = Support(tasks=("classification",), needs="unimodal logits: a linear head on ConcatFusion (slices) "
                                                        "or model.predict with zeroed features")
 

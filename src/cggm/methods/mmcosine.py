@@ -97,6 +97,8 @@ class MMCosine(Method):
     """
 
     name = "mmcosine"
+    source = ('Xu, Feng, Zhang, Hu, "MMCosine: Multi-Modal Cosine Loss Towards Balanced Audio-Visual Fine-Grained '
+              'Learning", ICASSP 2023 (arXiv:2303.05338); code GeWu-Lab/MMCosine_ICASSP23')
     support = Support(tasks=("classification",), unused_parameters=True,
                       needs="vector or sequence features; a linear head on ConcatFusion (else method-owned cosine weights)")
 

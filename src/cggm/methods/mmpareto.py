@@ -63,6 +63,7 @@ class MMPareto(HeadMethod):
     """
 
     name = "mmpareto"
+    source = 'Wei & Hu, "MMPareto: Boosting Multimodal Learning with Innocent Unimodal Assistance", ICML 2024'
     support = Support(needs="a model that declares modality_parameters(); per-modality features",
                       edits_gradients=True)
 

@@ -26,6 +26,7 @@ class MRD(Method):
     """
 
     name = "mrd"
+    source = 'Modality Random Dropout, compared without a citation in the CGGM paper (arXiv:2411.01409)'
 
     def __init__(self, p: float = 0.3, keep_one: bool = True) -> None:
         super().__init__()

@@ -40,6 +40,7 @@ class MSLR(Method):
     """
 
     name = "mslr"
+    source = 'Yao & Mihalcea, "Modality-specific Learning Rates for Effective Multimodal Additive Late-fusion", Findings of ACL 2022'
     support = Support(needs="a model that declares modality_parameters(); dynamic=True: classification",
                       param_groups=True, epoch_hooks=True)
 

@@ -55,6 +55,7 @@ class OGMGE(Method):
     """
 
     name = "ogm_ge"
+    source = 'Peng, Wei, Deng, Wang, Hu, "Balanced Multimodal Learning via On-the-fly Gradient Modulation", CVPR 2022 (arXiv:2203.15332)'
     support = Support(tasks=("classification",), needs="a model that declares modality_parameters()",
                       edits_gradients=True)
 

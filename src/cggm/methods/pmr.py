@@ -50,6 +50,7 @@ class PMR(Method):
     """
 
     name = "pmr"
+    source = 'Fan et al., "PMR: Prototypical Modal Rebalance for Multimodal Learning", CVPR 2023'
     support = Support(tasks=("classification",), needs="per-modality vector or sequence features", epoch_hooks=True)
 
     def __init__(self, alpha: float = 0.6, momentum: float = 0.5, start_epoch: int = 0, end_epoch: int | None = None,

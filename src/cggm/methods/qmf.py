@@ -49,6 +49,7 @@ class QMF(HeadMethod):
     """
 
     name = "qmf"
+    source = 'Zhang et al., "Provable Dynamic Fusion for Low-Quality Multimodal Data", ICML 2023'
     support = Support(tasks=("classification",), needs="per-modality features", ddp=False, unused_parameters=True)
 
     def __init__(self, temperature: float = 10.0, rank_weight: float = 0.1, head_lr: float = 1e-3,

@@ -50,6 +50,7 @@ class ReconBoost(HeadMethod):
     """
 
     name = "reconboost"
+    source = 'Hua et al., "ReconBoost: Boosting Can Achieve Modality Reconcilement", ICML 2024 (arXiv:2405.09321)'
     support = Support(tasks=("classification",), needs="per-modality features", ddp=False, unused_parameters=True,
                       epoch_hooks=True)
 

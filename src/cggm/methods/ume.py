@@ -26,6 +26,7 @@ class UME(HeadMethod):
     """
 
     name = "ume"
+    source = 'Du et al., "On Uni-Modal Feature Learning in Supervised Multi-Modal Learning", ICML 2023 (UME)'
     support = Support(tasks=("classification", "regression"), needs="per-modality features", ddp=False,
                       unused_parameters=True)
 

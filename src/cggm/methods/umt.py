@@ -39,6 +39,7 @@ class UMT(Method):
     """
 
     name = "umt"
+    source = 'Du et al., "On Uni-Modal Feature Learning in Supervised Multi-Modal Learning", ICML 2023 (UMT)'
 
     def __init__(self, lam: float = 1.0, teachers: Sequence[nn.Module] | Mapping[str, nn.Module] | None = None,
                  teacher_lr: float = 1e-3) -> None:

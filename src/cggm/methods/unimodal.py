@@ -18,6 +18,7 @@ class Unimodal(Method):
     """Args: modality: the name (or index) of the modality to keep (default: the first)."""
 
     name = "unimodal"
+    source = "the CGGM paper's unimodal baseline (Guo et al., NeurIPS 2024, arXiv:2411.01409)"
     support = Support(unused_parameters=True)
 
     def __init__(self, modality: str | int = 0):

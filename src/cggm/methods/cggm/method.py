@@ -73,6 +73,7 @@ class CGGM(Method):
     """
 
     name = "cggm"
+    source = 'Guo, Jin, Chen, Zhao, "Classifier-guided Gradient Modulation for Enhanced Multimodal Learning", NeurIPS 2024 (arXiv:2411.01409); code zrguo/CGGM'
     support = Support(edits_gradients=True, accumulates=True,  # (its classifiers' gradients only add up)
                       needs="per-modality features and a fused head whose last layer is Linear or ConvNd")
 
