@@ -35,3 +35,4 @@ from . import agm, gblending, greedy, inforeg, mmpareto, mrd, mslr, ogm_ge, pmr,
 from . import mmcosine  # noqa: E402,F401,I001
 from . import mbsd  # noqa: E402,F401,I001
 from . import cml  # noqa: E402,F401,I001
+from . import opm  # noqa: E402,F401,I001
