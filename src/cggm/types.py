@@ -8,6 +8,8 @@ parameters by name; they act on these features, or on the per-modality parameter
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,8 +17,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .metrics.dice import hard_dice, soft_dice_loss
+from .metrics.tracker import ClassificationMetrics, MetricSet, MetricTracker, RegressionMetrics, SegmentationMetrics
+
 TaskKind = Literal["classification", "regression", "segmentation"]
-TASK_KINDS: tuple[str, ...] = ("classification", "regression", "segmentation")
 
 # class-weight tensors by (weights, device, dtype), shared by equal tasks: a loss call builds none
 # (no host-to-device copy per step), and Task keeps no tensor (equality, hashing, pickling unchanged)
@@ -60,11 +64,75 @@ class Headline:
         return a > b if self.higher_is_better else a < b
 
 
-#: per task kind: the headline metric, and the metrics a summary line shows
-_HEADLINES = {"classification": Headline("accuracy", True), "regression": Headline("mae", False),
-              "segmentation": Headline("dice_mean", True)}
-_SUMMARY_METRICS = {"classification": ("accuracy", "f1_weighted"), "regression": ("mae", "corr", "acc2_nonzero"),
-                    "segmentation": ("dice_mean",)}
+def _class_loss(task: Task, prediction: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(prediction, target, weight=task._weights(prediction))
+
+
+def _value_loss(task: Task, prediction: Tensor, target: Tensor) -> Tensor:
+    return F.l1_loss(prediction.reshape(target.shape), target.to(prediction.dtype))
+
+
+def _dice_ce_loss(task: Task, prediction: Tensor, target: Tensor) -> Tensor:
+    ce = F.cross_entropy(prediction, target, weight=task._weights(prediction))
+    return soft_dice_loss(prediction, target) + task.dice_ce_weight * ce
+
+
+def _accuracy(task: Task, prediction: Tensor, target: Tensor) -> Tensor:
+    return (prediction.argmax(dim=1) == target).float().mean()
+
+
+def _value_metric(task: Task, prediction: Tensor, target: Tensor) -> Tensor:
+    pred = prediction.reshape(target.shape).float()
+    if task.regression_metric == "sign_accuracy":
+        return ((pred > 0) == (target > 0)).float().mean()
+    return -(pred - target.float()).abs().mean()
+
+
+def _mean_dice(task: Task, prediction: Tensor, target: Tensor) -> Tensor:
+    return hard_dice(prediction.argmax(dim=1), target, task.num_outputs).mean()
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """What a task kind does: every decision that depends on the kind is a field here, and code
+    elsewhere asks the :class:`Task` (``task.spec``, or its properties) instead of comparing kinds.
+
+    loss / metric: the task loss and the classifier metric epsilon (higher is better) of a batch,
+        as functions of the task, the prediction and the target.
+    headline / summary_metrics: the metric the task is judged by, and those a summary line shows.
+    metrics: the :class:`~cggm.metrics.tracker.MetricSet` of its evaluation metrics.
+    min_outputs: the fewest ``num_outputs`` it accepts (2 classes where targets are class ids).
+    class_ids: targets are integer class ids (cross-entropy, class weights, labels checked).
+    labels: the prediction is one class per sample (logits ``[B, C]``): accuracy, chance level,
+        several predictions scored in one argmax.
+    spatial: targets are maps ``[B, H, W]`` and predictions logits ``[B, C, H, W]`` (auxiliary
+        classifiers decode to the target's size; features are maps, which no linear probe reads).
+    signed: predictions are real values whose sign means something (sign accuracy applies).
+    """
+
+    name: str
+    loss: Callable[[Task, Tensor, Tensor], Tensor]
+    metric: Callable[[Task, Tensor, Tensor], Tensor]
+    headline: Headline
+    summary_metrics: tuple[str, ...]
+    metrics: type[MetricSet]
+    min_outputs: int
+    class_ids: bool = False
+    labels: bool = False
+    spatial: bool = False
+    signed: bool = False
+
+
+#: the task kinds and what each does
+KINDS: dict[str, KindSpec] = {spec.name: spec for spec in (
+    KindSpec("classification", _class_loss, _accuracy, Headline("accuracy", True), ("accuracy", "f1_weighted"),
+             ClassificationMetrics, min_outputs=2, class_ids=True, labels=True),
+    KindSpec("regression", _value_loss, _value_metric, Headline("mae", False), ("mae", "corr", "acc2_nonzero"),
+             RegressionMetrics, min_outputs=1, signed=True),
+    KindSpec("segmentation", _dice_ce_loss, _mean_dice, Headline("dice_mean", True), ("dice_mean",),
+             SegmentationMetrics, min_outputs=2, class_ids=True, spatial=True),
+)}
+TASK_KINDS: tuple[str, ...] = tuple(KINDS)
 
 
 @dataclass(frozen=True)
@@ -88,11 +156,11 @@ class Task:
     dice_ce_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in TASK_KINDS:
+        if KINDS.get(self.kind) is None:
             raise ValueError(f"Task kind must be one of {TASK_KINDS}, got {self.kind!r}.")
         if int(self.num_outputs) < 1:
             raise ValueError(f"Task num_outputs must be >= 1, got {self.num_outputs}.")
-        if self.kind in ("classification", "segmentation") and self.num_outputs < 2:
+        if self.num_outputs < self.spec.min_outputs:
             raise ValueError(f"A {self.kind} task needs num_outputs >= 2 classes, got {self.num_outputs}.")
         if self.class_weights is not None:
             weights = tuple(float(w) for w in self.class_weights)
@@ -105,15 +173,49 @@ class Task:
                 f"regression_metric must be 'neg_mae' or 'sign_accuracy', got {self.regression_metric!r}."
             )
 
+    # -- what the kind decides ----------------------------------------------------------------------
+    @property
+    def spec(self) -> KindSpec:
+        """This task's kind and what it does (:data:`KINDS`)."""
+        return KINDS[self.kind]
+
+    def one_of(self, kinds) -> bool:
+        """Whether this task's kind is among ``kinds`` (what a model, method or dataset supports)."""
+        return self.kind in kinds
+
+    @property
+    def class_ids(self) -> bool:
+        """Targets are integer class ids (classification, segmentation)."""
+        return self.spec.class_ids
+
+    @property
+    def labels(self) -> bool:
+        """The prediction is one class per sample, logits ``[B, C]`` (classification)."""
+        return self.spec.labels
+
+    @property
+    def signed(self) -> bool:
+        """Predictions are real values whose sign means something (regression)."""
+        return self.spec.signed
+
+    @property
+    def probes(self) -> bool:
+        """Whether a linear probe can read this task's features (vectors, not maps)."""
+        return not self.spec.spatial
+
+    @property
+    def chance(self) -> float:
+        """The accuracy of a uniform guess among the classes (NaN where predictions are not labels)."""
+        return 1.0 / self.num_outputs if self.spec.labels else math.nan
+
+    def target_size(self, target: Tensor) -> tuple[int, int] | None:
+        """The spatial size ``(H, W)`` a prediction of ``target`` must have (maps), else ``None``."""
+        return tuple(target.shape[-2:]) if self.spec.spatial else None
+
     # -- losses -------------------------------------------------------------------------------
     def loss(self, prediction: Tensor, target: Tensor) -> Tensor:
         """The task loss: cross-entropy, L1 (as the paper uses on MOSI), or soft Dice + CE."""
-        if self.kind == "classification":
-            return F.cross_entropy(prediction, target, weight=self._weights(prediction))
-        if self.kind == "regression":
-            return F.l1_loss(prediction.reshape(target.shape), target.to(prediction.dtype))
-        ce = F.cross_entropy(prediction, target, weight=self._weights(prediction))
-        return soft_dice_loss(prediction, target) + self.dice_ce_weight * ce
+        return self.spec.loss(self, prediction, target)
 
     def _weights(self, prediction: Tensor) -> Tensor | None:
         """The class weights on the prediction's device and dtype, built once per (device, dtype)."""
@@ -135,19 +237,12 @@ class Task:
         segmentation: mean Dice over the foreground classes. No host synchronisation.
         """
         with torch.no_grad():
-            if self.kind == "classification":
-                return (prediction.argmax(dim=1) == target).float().mean()
-            if self.kind == "regression":
-                pred = prediction.reshape(target.shape).float()
-                if self.regression_metric == "sign_accuracy":
-                    return ((pred > 0) == (target > 0)).float().mean()
-                return -(pred - target.float()).abs().mean()
-            return hard_dice(prediction.argmax(dim=1), target, self.num_outputs).mean()
+            return self.spec.metric(self, prediction, target)
 
     def batch_metrics(self, predictions: list[Tensor], target: Tensor) -> Tensor:
         """:meth:`batch_metric` of several predictions of the same target, as an ``[M]`` tensor
         (classification predictions of one shape in a single argmax)."""
-        if self.kind == "classification" and len({p.shape for p in predictions}) == 1:
+        if self.spec.labels and len({p.shape for p in predictions}) == 1:
             with torch.no_grad():
                 return (torch.stack(predictions).argmax(dim=2) == target).float().flatten(1).mean(dim=1)
         return torch.stack([self.batch_metric(p, target) for p in predictions])
@@ -157,18 +252,16 @@ class Task:
     def headline(self) -> Headline:
         """The metric this task is judged by, with its direction: accuracy (higher), MAE (lower) or
         mean Dice (higher). Checkpoint selection, reports, the runner and the diagnostics read it."""
-        return _HEADLINES[self.kind]
+        return self.spec.headline
 
     @property
     def summary_metrics(self) -> tuple[str, ...]:
         """The metrics a one-line summary of a run shows (the headline first)."""
-        return _SUMMARY_METRICS[self.kind]
+        return self.spec.summary_metrics
 
     def metrics(self, device: torch.device | str | None = None, sync: bool = True):
         """A fresh :class:`~cggm.metrics.MetricTracker` of this task's evaluation metrics (torchmetrics,
         on ``device``; synced across DDP ranks at ``compute()`` when ``sync``)."""
-        from .metrics.tracker import MetricTracker
-
         return MetricTracker(self, device=device, sync=sync)
 
     def higher_is_better(self, name: str) -> bool:
@@ -185,28 +278,5 @@ class Task:
         return self.headline.higher_is_better
 
 
-def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1e-5) -> Tensor:
-    """1 - mean soft Dice over the foreground classes (class 0 is background)."""
-    num_classes = logits.shape[1]
-    probs = logits.softmax(dim=1)
-    onehot = F.one_hot(target.long(), num_classes).movedim(-1, 1).to(probs.dtype)
-    dims = tuple(range(2, logits.ndim))
-    inter = (probs * onehot).sum(dims)
-    denom = probs.sum(dims) + onehot.sum(dims)
-    dice = (2 * inter + eps) / (denom + eps)  # [B, C]
-    return 1 - dice[:, 1:].mean()
-
-
-def hard_dice(pred: Tensor, target: Tensor, num_classes: int, empty: float = 1.0) -> Tensor:
-    """Per-class Dice of hard labels over the whole batch (all pixels pooled): shape ``[num_classes - 1]``.
-
-    A class absent from both prediction and target scores ``empty`` (1 by convention).
-    """
-    scores = []
-    for c in range(1, num_classes):
-        p = pred == c
-        t = target == c
-        inter = (p & t).sum().float()
-        total = p.sum().float() + t.sum().float()
-        scores.append(torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.full_like(total, empty)))
-    return torch.stack(scores)
+__all__ = ["KINDS", "TASK_KINDS", "Headline", "KindSpec", "ModelOutput", "Task", "TaskKind", "hard_dice",
+           "soft_dice_loss"]

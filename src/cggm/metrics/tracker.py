@@ -10,10 +10,13 @@ ours:
   ours (and scikit-learn's with ``labels=range(C)``) counts them as 0. Computed from torchmetrics'
   per-class stat scores with our formula (:class:`MacroF1`).
 * ``dice_class<c>`` / ``dice_mean`` (2D slices): per-sample hard Dice with an empty class scoring 1
-  (:func:`cggm.types.hard_dice`), averaged over samples; torchmetrics' ``DiceScore`` scores empty
+  (:func:`cggm.metrics.dice.hard_dice`), averaged over samples; torchmetrics' ``DiceScore`` scores empty
   classes differently. The per-sample Dice is ours, the accumulation and sync torchmetrics'
   (:class:`SampleMeanDice`).
 * ``acc2_nonzero`` / ``f1_nonzero``: NaN when no label is non-zero (torchmetrics would give 0).
+
+Which metrics a task reports is its kind's :class:`MetricSet` (``Task.spec.metrics``: the task
+decides); this module knows no task kind.
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassStatScores
 from torchmetrics.regression import MeanAbsoluteError, PearsonCorrCoef
 
-from ..types import Task, hard_dice
+from .dice import hard_dice
 
 _IGNORE = -1  # target of the samples a metric leaves out (MOSI's zero labels for the "non-zero" metrics)
 
 
-def selection_metric(task: Task) -> tuple[str, str]:
+def selection_metric(task) -> tuple[str, str]:
     """The validation metric used to select the checkpoint, and ``max`` or ``min`` (the task's headline)."""
     return task.headline.name, task.headline.mode
 
@@ -83,7 +86,7 @@ class MacroF1(MulticlassStatScores):
 
 
 class SampleMeanDice(Metric):
-    """Per-class hard Dice of each sample (:func:`cggm.types.hard_dice`), averaged over samples:
+    """Per-class hard Dice of each sample (:func:`cggm.metrics.dice.hard_dice`), averaged over samples:
     ``[num_classes - 1]`` (foreground classes)."""
 
     higher_is_better = True
@@ -112,6 +115,95 @@ def _metric_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
+class MetricSet:
+    """The metrics of one task kind: built once, fed each batch, finished into floats. The base
+    reports each built metric whose name does not start with ``_`` under its own name."""
+
+    def __init__(self, num_outputs: int) -> None:
+        self.num_outputs = num_outputs
+
+    def build(self, kw: dict, cls: dict, agg: dict) -> dict[str, Metric]:
+        raise NotImplementedError
+
+    def directions(self, metrics: dict[str, Metric]) -> dict[str, bool]:
+        return {k: bool(v.higher_is_better) for k, v in metrics.items() if k != "loss" and not k.startswith("_")}
+
+    def update(self, m: dict[str, Metric], prediction: Tensor, target: Tensor, n: int, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def finish(self, values: dict[str, Tensor], total: float) -> dict[str, float]:
+        return {k: float(v) for k, v in values.items()}
+
+
+class ClassificationMetrics(MetricSet):
+    """``accuracy``, ``f1_weighted``, ``f1_macro`` of the argmax labels."""
+
+    def build(self, kw, cls, agg):
+        c = self.num_outputs
+        return {"accuracy": MulticlassAccuracy(c, average="micro", **cls),
+                "f1_weighted": MulticlassF1Score(c, average="weighted", **cls), "f1_macro": MacroF1(c, **cls)}
+
+    def update(self, m, prediction, target, n, dtype):
+        labels, target = prediction.argmax(dim=1), target.long()
+        for k in ("accuracy", "f1_weighted", "f1_macro"):
+            m[k].update(labels, target)
+
+
+class RegressionMetrics(MetricSet):
+    """CMU-MOSI's: ``mae``, ``corr``, ``acc7``, ``acc2_nonneg``, ``f1_nonneg``, ``acc2_nonzero``,
+    ``f1_nonzero`` of the first output (:func:`cggm.metrics.functional.sentiment_metrics`)."""
+
+    def build(self, kw, cls, agg):
+        return {"mae": MeanAbsoluteError(**kw), "corr": Pearson(**kw),
+                "acc7": MulticlassAccuracy(7, average="micro", **cls),
+                "acc2_nonneg": MulticlassAccuracy(2, average="micro", **cls),
+                "f1_nonneg": MulticlassF1Score(2, average="weighted", **cls),
+                "acc2_nonzero": MulticlassAccuracy(2, average="micro", ignore_index=_IGNORE, **cls),
+                "f1_nonzero": MulticlassF1Score(2, average="weighted", ignore_index=_IGNORE, **cls),
+                "_nonzero": SumMetric(**agg)}
+
+    def update(self, m, prediction, target, n, dtype):
+        p = prediction.detach().reshape(n, -1)[:, 0].to(dtype)
+        t = target.detach().reshape(n, -1)[:, 0].to(dtype)
+        m["mae"].update(p, t)
+        m["corr"].update(p, t)
+        m["acc7"].update(p.round().clamp(-3, 3).long() + 3, t.round().clamp(-3, 3).long() + 3)
+        m["acc2_nonneg"].update((p >= 0).long(), (t >= 0).long())
+        m["f1_nonneg"].update((p >= 0).long(), (t >= 0).long())
+        nz = t != 0
+        t_nz = torch.where(nz, (t > 0).long(), torch.full_like(t, _IGNORE, dtype=torch.long))
+        m["acc2_nonzero"].update((p > 0).long(), t_nz)
+        m["f1_nonzero"].update((p > 0).long(), t_nz)
+        m["_nonzero"].update(nz.to(dtype).sum())
+
+    def finish(self, values, total):
+        if float(values.pop("_nonzero")) == 0:
+            values["acc2_nonzero"] = values["f1_nonzero"] = torch.tensor(math.nan)
+        if total < 2:
+            values["corr"] = torch.tensor(math.nan)
+        return super().finish(values, total)
+
+
+class SegmentationMetrics(MetricSet):
+    """``dice_class<c>`` per foreground class and their ``dice_mean`` (2D slices, per-sample Dice
+    averaged over samples; volume-level Dice is :class:`cggm.metrics.volume.VolumeDice`)."""
+
+    def build(self, kw, cls, agg):
+        return {"_dice": SampleMeanDice(self.num_outputs, **kw)}
+
+    def directions(self, metrics):
+        return {**{f"dice_class{c}": True for c in range(1, self.num_outputs)}, "dice_mean": True}
+
+    def update(self, m, prediction, target, n, dtype):
+        m["_dice"].update(prediction.argmax(dim=1), target)
+
+    def finish(self, values, total):
+        d = values.pop("_dice").double().cpu()
+        out = {f"dice_class{c}": float(v) for c, v in enumerate(d.tolist(), start=1)}
+        out["dice_mean"] = float(d.mean())
+        return out
+
+
 class MetricTracker:
     """Collects one evaluation pass of a task: ``update(prediction, target, loss)`` per batch and
     ``compute()`` once, a dict of floats (``loss`` first). Under DDP (an initialised process group
@@ -121,44 +213,25 @@ class MetricTracker:
     classification: ``accuracy``, ``f1_weighted``, ``f1_macro``. regression (CMU-MOSI conventions,
     :func:`cggm.metrics.functional.sentiment_metrics`): ``mae``, ``corr``, ``acc7``,
     ``acc2_nonneg``, ``f1_nonneg``, ``acc2_nonzero``, ``f1_nonzero``. segmentation (2D slices;
-    volume-level Dice lives in the BraTS evaluator): ``dice_class<c>`` and ``dice_mean``.
+    volume-level Dice: :class:`cggm.metrics.volume.VolumeDice`): ``dice_class<c>`` and ``dice_mean``.
     :attr:`higher_is_better` says each name's direction."""
 
-    def __init__(self, task: Task, device: torch.device | str | None = None, sync: bool = True):
+    def __init__(self, task, device: torch.device | str | None = None, sync: bool = True):
         self.task = task
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         kw = {"sync_on_compute": sync, "dist_sync_on_step": False}
         cls = {"validate_args": False, **kw}
         agg = {"nan_strategy": "disable", **kw}  # a NaN loss stays NaN (a diverged model must show)
+        self.set: MetricSet = task.spec.metrics(task.num_outputs)
         self.metrics: dict[str, Metric] = {"loss": MeanLoss(**kw), "_count": SumMetric(**agg)}
-        if task.kind == "classification":
-            c = task.num_outputs
-            self.metrics.update(accuracy=MulticlassAccuracy(c, average="micro", **cls),
-                                f1_weighted=MulticlassF1Score(c, average="weighted", **cls),
-                                f1_macro=MacroF1(c, **cls))
-        elif task.kind == "regression":
-            self.metrics.update(mae=MeanAbsoluteError(**kw), corr=Pearson(**kw),
-                                acc7=MulticlassAccuracy(7, average="micro", **cls),
-                                acc2_nonneg=MulticlassAccuracy(2, average="micro", **cls),
-                                f1_nonneg=MulticlassF1Score(2, average="weighted", **cls),
-                                acc2_nonzero=MulticlassAccuracy(2, average="micro", ignore_index=_IGNORE, **cls),
-                                f1_nonzero=MulticlassF1Score(2, average="weighted", ignore_index=_IGNORE, **cls),
-                                _nonzero=SumMetric(**agg))
-        else:
-            self.metrics["_dice"] = SampleMeanDice(task.num_outputs, **kw)
+        self.metrics.update(self.set.build(kw, cls, agg))
         self._placed = False
         self.count = 0
 
     @property
     def higher_is_better(self) -> dict[str, bool]:
         """Each reported metric's direction."""
-        out = {}
-        for name, metric in self.metrics.items():
-            if name == "_dice":
-                out.update({f"dice_class{c}": True for c in range(1, self.task.num_outputs)}, dice_mean=True)
-            elif not name.startswith("_"):
-                out[name] = bool(metric.higher_is_better)
-        return out
+        return {"loss": bool(self.metrics["loss"].higher_is_better), **self.set.directions(self.metrics)}
 
     def _place(self, device: torch.device) -> None:
         if not self._placed or device != self.device:
@@ -181,25 +254,7 @@ class MetricTracker:
             if n == 0:
                 return
             m["_count"].update(torch.full((), float(n), dtype=dtype, device=prediction.device))
-            if self.task.kind == "classification":
-                labels, target = prediction.argmax(dim=1), target.long()
-                for k in ("accuracy", "f1_weighted", "f1_macro"):
-                    m[k].update(labels, target)
-            elif self.task.kind == "regression":
-                p = prediction.detach().reshape(n, -1)[:, 0].to(dtype)
-                t = target.detach().reshape(n, -1)[:, 0].to(dtype)
-                m["mae"].update(p, t)
-                m["corr"].update(p, t)
-                m["acc7"].update(p.round().clamp(-3, 3).long() + 3, t.round().clamp(-3, 3).long() + 3)
-                m["acc2_nonneg"].update((p >= 0).long(), (t >= 0).long())
-                m["f1_nonneg"].update((p >= 0).long(), (t >= 0).long())
-                nz = t != 0
-                t_nz = torch.where(nz, (t > 0).long(), torch.full_like(t, _IGNORE, dtype=torch.long))
-                m["acc2_nonzero"].update((p > 0).long(), t_nz)
-                m["f1_nonzero"].update((p > 0).long(), t_nz)
-                m["_nonzero"].update(nz.to(dtype).sum())
-            else:
-                m["_dice"].update(prediction.argmax(dim=1), target)
+            self.set.update(m, prediction, target, n, dtype)
 
     def reset(self) -> MetricTracker:
         """Forget every sample seen, keeping the metrics built and placed (building them costs
@@ -219,16 +274,5 @@ class MetricTracker:
         out["loss"] = float(values.pop("loss")) if loss_n > 0 else 0.0  # (no loss given counts 0, as before)
         if total == 0:
             return out
-        if self.task.kind == "segmentation":
-            d = values.pop("_dice").double().cpu()
-            for c, v in enumerate(d.tolist(), start=1):
-                out[f"dice_class{c}"] = float(v)
-            out["dice_mean"] = float(d.mean())
-            return out
-        if self.task.kind == "regression":
-            if float(values.pop("_nonzero")) == 0:
-                values["acc2_nonzero"] = values["f1_nonzero"] = torch.tensor(math.nan)
-            if total < 2:
-                values["corr"] = torch.tensor(math.nan)
-        out.update({k: float(v) for k, v in values.items()})
+        out.update(self.set.finish(values, total))
         return out
