@@ -38,14 +38,14 @@ def _trainer(out, method, crash_at=None, dropout=0.1, **cfg):
     model = build_model("mlp", data.input_shapes, data.task, feature_dim=8, hidden=16, head_hidden=16,
                         dropout=dropout)
     if crash_at is not None:  # dies just before optimizer step `crash_at`
-        update = method.update  # what method.step calls around the optimizer step
+        update = method.wrap_optimizer_step  # what method.step calls around the optimizer step
 
         def crashing_update(take_step):
             if method.global_step == crash_at:
                 raise Crash(f"crash at step {crash_at}")
             return update(take_step)
 
-        method.update = crashing_update
+        method.wrap_optimizer_step = crashing_update
     options = dict(epochs=3, batch_size=16, checkpoint_every=7, progress=False, scheduler="cosine", seed=0)
     options.update(cfg)
     return Trainer(model, method, data, TrainConfig(**options), output_dir=out,

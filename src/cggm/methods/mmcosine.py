@@ -99,7 +99,9 @@ class MMCosine(Method):
     name = "mmcosine"
     source = ('Xu, Feng, Zhang, Hu, "MMCosine: Multi-Modal Cosine Loss Towards Balanced Audio-Visual Fine-Grained '
               'Learning", ICASSP 2023 (arXiv:2303.05338); code GeWu-Lab/MMCosine_ICASSP23')
-    support = Support(tasks=("classification",), unused_parameters=True,
+    # (not under DDP: the model's forward still computes its fused prediction, whose head bias (and, with
+    # method-owned weights, the whole head) the cosine loss never uses, so DDP waits for gradients that never come)
+    support = Support(tasks=("classification",), unused_parameters=True, ddp=False,
                       needs="vector or sequence features; a linear head on ConcatFusion (else method-owned cosine weights)")
 
     def __init__(self, scale: float = 10.0, lam_nce: float = 0.0, tau: float = 0.1, head: str = "auto",
