@@ -36,3 +36,4 @@ from . import mmcosine  # noqa: E402,F401,I001
 from . import mbsd  # noqa: E402,F401,I001
 from . import cml  # noqa: E402,F401,I001
 from . import opm  # noqa: E402,F401,I001
+from . import mla  # noqa: E402,F401,I001
