@@ -37,3 +37,4 @@ from . import mbsd  # noqa: E402,F401,I001
 from . import cml  # noqa: E402,F401,I001
 from . import opm  # noqa: E402,F401,I001
 from . import mla  # noqa: E402,F401,I001
+from . import relearning  # noqa: E402,F401,I001
