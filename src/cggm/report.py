@@ -58,12 +58,11 @@ from .diagnostics.shapley import MAX_MODALITIES, shapley_contributions
 from .methods.base import UnsupportedSettingError
 from .runner import BenchmarkError, build_trainer, comparison_options, previous_benchmark, run_failure, summarize
 from .training.evaluation import evaluate, replace_inputs
-from .types import TASK_KINDS, Task
+from .types import KINDS
 
 #: the metric a report shows per task kind, and ``max`` (higher is better) or ``min``: the task's
 #: headline (:attr:`cggm.types.Task.headline`), kept as a table for readers of this module
-HEADLINE = {kind: (Task(kind, 1 if kind == "regression" else 2).headline.name,
-                   Task(kind, 1 if kind == "regression" else 2).headline.mode) for kind in TASK_KINDS}
+HEADLINE = {kind: (spec.headline.name, spec.headline.mode) for kind, spec in KINDS.items()}
 
 
 # -- one run ----------------------------------------------------------------------------------------
@@ -125,7 +124,7 @@ def run_one(cfg, data: DataSplits, label: str, method: str, options: dict | None
     full, drops = removal_drops(model, bound, data, metric)
     shapley = (shapley_contributions(model, bound, data, split="val", metric=metric)
                if len(data.modalities) <= MAX_MODALITIES else None)
-    if data.task.kind == "segmentation":  # a linear probe reads vectors; these features are maps
+    if not data.task.probes:  # a linear probe reads vectors; these features are maps
         probes = {m: float("nan") for m in data.modalities}
     else:
         probes = probe_encoders(model, data.train, data.test, data.task)

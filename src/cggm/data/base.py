@@ -53,7 +53,7 @@ class MultimodalDataset(torch.utils.data.Dataset):
             raise DataError(f"{self.source}: the target has NaN/inf values.")
 
     def check_task(self, task: Task) -> None:
-        if task.kind in ("classification", "segmentation"):
+        if task.class_ids:
             if self.target.is_floating_point():
                 raise DataError(f"{self.source}: a {task.kind} target must hold integer class ids, got floats.")
             lo, hi = int(self.target.min()), int(self.target.max())

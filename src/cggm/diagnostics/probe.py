@@ -32,12 +32,12 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
                  task: Task, steps: int = 300, weight_decay: float = 1e-4, seed: int = 0) -> float:
     """Fit a linear layer on frozen features (full-batch L-BFGS on standardised features) and
     return its test accuracy (classification) or -MAE (regression). Segmentation is not probed."""
-    if task.kind == "segmentation":
+    if not task.probes:
         raise ValueError("linear_probe supports classification and regression features, not segmentation maps.")
     g = torch.Generator().manual_seed(seed)
     mu, sd = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     xtr, xte = (train_x - mu) / sd, (test_x - mu) / sd
-    out_dim = task.num_outputs if task.kind == "classification" else 1
+    out_dim = task.num_outputs if task.labels else 1
     layer = nn.Linear(xtr.shape[1], out_dim)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.01)
@@ -47,7 +47,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     def closure():
         opt.zero_grad()
         out = layer(xtr)
-        if task.kind == "classification":
+        if task.labels:
             loss = F.cross_entropy(out, train_y)
         else:
             loss = F.mse_loss(out.squeeze(-1), train_y.float().reshape(-1))
@@ -58,7 +58,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     opt.step(closure)
     with torch.no_grad():
         pred = layer(xte)
-        if task.kind == "classification":
+        if task.labels:
             return float((pred.argmax(1) == test_y).float().mean())
         return -float((pred.squeeze(-1) - test_y.float().reshape(-1)).abs().mean())
 

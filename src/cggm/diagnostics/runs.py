@@ -288,7 +288,7 @@ def diagnose(run_dir: str | Path, data_path: str | None = None, device: str = "c
         cfg = apply_override(cfg, o)
     validate(cfg)
     data = load_data(cfg)
-    if data.task.kind == "segmentation":  # (a linear probe cannot read feature maps)
+    if not data.task.probes:  # (a linear probe cannot read feature maps)
         raise DataError(f"diagnose supports classification and regression, not {data.task.kind}.")
     model = build_model(cfg["model"]["arch"], data.input_shapes, data.task, **cfg["model"].get("options", {}))
     state = load_checkpoint(run_dir / "best.pt")
@@ -350,7 +350,7 @@ def _shapley(model, method, data, masking: str, split: str) -> tuple[dict[str, A
 
 def _interpret(d: dict[str, Any], data) -> tuple[dict[str, str], str]:
     metric, drops, probes, raw = d["metric"], d["drop"], d["probe"], d["raw_probe"]
-    chance = 1.0 / data.task.num_outputs if data.task.kind == "classification" else float("nan")
+    chance = data.task.chance
     top = max(drops.values()) if drops else 0.0
     verdict: dict[str, str] = {}
     lines = [f"diagnose {d['run_dir']} ({d['dataset']}, method {d['method']})",

@@ -63,7 +63,7 @@ class HeadMethod(Method):
                                            lr=head_lr, weight_decay=head_weight_decay, fused=False, scaled=True))
 
     def target_size(self, target: Tensor) -> tuple[int, int] | None:
-        return tuple(target.shape[-2:]) if self.task.kind == "segmentation" else None
+        return self.task.target_size(target)
 
     def uni_logits(self, out: ModelOutput, target: Tensor, detach: bool = False) -> list[Tensor]:
         """Each head's prediction on its modality's features (detached features if ``detach``)."""

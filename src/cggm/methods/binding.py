@@ -37,7 +37,7 @@ def check_support(name: str, support, num_modalities: int, task: Task) -> None:
     if num_modalities < s.min_modalities or (s.max_modalities is not None and num_modalities > s.max_modalities):
         hi = "any number" if s.max_modalities is None else str(s.max_modalities)
         raise UnsupportedSettingError(f"Method {name!r} supports {s.min_modalities} to {hi} modalities, got {num_modalities}.")
-    if task.kind not in s.tasks:
+    if not task.one_of(s.tasks):
         raise UnsupportedSettingError(f"Method {name!r} supports tasks {list(s.tasks)}, not {task.kind!r}.")
     if not s.ddp and distributed.is_distributed():
         raise UnsupportedSettingError(

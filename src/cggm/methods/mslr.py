@@ -73,7 +73,7 @@ class MSLR(Method):
             scales = {m: float(v) for m, v in zip(self.modalities, s)}
         if any(v <= 0 for v in scales.values()) or self.shared_lr_scale <= 0:
             raise ValueError(f"MSLR learning-rate scales must be > 0, got {scales} and {self.shared_lr_scale}.")
-        if self.dynamic and self.task.kind != "classification":
+        if self.dynamic and not self.task.labels:
             raise UnsupportedSettingError("MSLR(dynamic=True) adapts rates by unimodal accuracy (classification "
                                           "only); use dynamic=False with lr_scales for other tasks.")
         self.lr_scales = scales

@@ -112,7 +112,7 @@ class SegmentationModel(LateFusionModel):
 @register_model("paper_seg")
 def paper_seg(input_shapes, task: Task, width: int = 8, fusion_width: int | None = None) -> MultimodalModel:
     """Per-modality conv encoders, conv fusion and a decoder to ``[B, num_outputs, H, W]`` logits."""
-    if task.kind != "segmentation":
+    if not task.one_of(("segmentation",)):
         raise ValueError(f"paper_seg is a segmentation model, got a {task.kind} task.")
     encoders = {}
     for m, shape in input_shapes.items():

@@ -122,7 +122,7 @@ def init_weights(module: nn.Module) -> None:
 def resnet18_late_fusion(input_shapes, task: Task, width: int = 64) -> MultimodalModel:
     """A ResNet-18 per modality (``[C, H, W]`` images/spectrograms or ``[T, C, H, W]`` frames),
     concatenation, a linear head (see the module docstring)."""
-    if task.kind != "classification":
+    if not task.one_of(("classification",)):
         raise ValueError(f"resnet18 is a classification model, got a {task.kind} task.")
     encoders: dict[str, nn.Module] = {}
     for m, shape in input_shapes.items():

@@ -228,7 +228,7 @@ class _BratsBase:
         return [m["case"] for m in self.metas]
 
     def check_task(self, task: Task) -> None:
-        if task.kind != "segmentation" or task.num_outputs != 4:
+        if not task.one_of(("segmentation",)) or task.num_outputs != 4:
             raise DataError(f"{self.source}: BraTS is a 4-class segmentation task, got {task.kind} with "
                             f"{task.num_outputs} outputs.")
 

@@ -211,7 +211,7 @@ class CGGM(Method):
         """Each classifier on its detached features, in fp32 outside autocast: epsilon ``[M]``
         (averaged over DDP ranks) and the sum of the classifiers' losses. Nothing is stepped."""
         classifiers = self.auxiliary.ensure(out.features)  # (also loads the saved ones after a resume)
-        size = tuple(target.shape[-2:]) if self.task.kind == "segmentation" else None
+        size = self.task.target_size(target)
         if not classifiers.training:
             classifiers.train()
         with no_autocast(out.features[0].device.type):

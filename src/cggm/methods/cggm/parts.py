@@ -40,10 +40,10 @@ class Epsilon:
         self.sign = False
 
     def bind(self, task) -> None:
-        if self.name == "sign_accuracy" and task.kind != "regression":
+        if self.name == "sign_accuracy" and not task.signed:
             raise UnsupportedSettingError(f"CGGM metric='sign_accuracy' is for regression, not {task.kind!r}.")
         self.task = task
-        self.sign = task.kind == "regression" and self.name in ("sign_accuracy", "official")
+        self.sign = task.signed and self.name in ("sign_accuracy", "official")
 
     def one(self, pred: Tensor, target: Tensor) -> Tensor:
         if self.sign:  # the official MOSI signal (A9): sign agreement, label 0 negative
@@ -113,7 +113,7 @@ class ClassifierMetric(Metric):
             return
         clfs = cggm.auxiliary.ensure(out.features)  # (restored for evaluation only: built and loaded now)
         clfs.eval()
-        size = tuple(target.shape[-2:]) if cggm.task.kind == "segmentation" else None
+        size = cggm.task.target_size(target)
         with torch.no_grad(), torch.autocast(device_type=out.features[0].device.type, enabled=False):
             vals = torch.stack([cggm.epsilon.one(clf(h.to(clf.last.weight.dtype), mask=out.mask(i), size=size), target)
                                 for i, (clf, h) in enumerate(zip(clfs, out.features))])
