@@ -38,3 +38,5 @@ from . import cml  # noqa: E402,F401,I001
 from . import opm  # noqa: E402,F401,I001
 from . import mla  # noqa: E402,F401,I001
 from . import relearning  # noqa: E402,F401,I001
+from . import lfm  # noqa: E402,F401,I001
+from . import mses  # noqa: E402,F401,I001
