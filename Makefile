@@ -9,14 +9,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench-overhead clean
+.PHONY: install demo test docs lint bench-overhead clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml Makefile scripts/fetch_datasets.py | $(PY)
 	$(PIP) install --quiet --disable-pip-version-check "$(TORCH_SPEC)" $(PIP_EXTRA)
-	$(PIP) install --quiet --disable-pip-version-check -e ".[dev,cli,plots,datasets,paper,features,lightning,accelerate,tensorboard]"
+	$(PIP) install --quiet --disable-pip-version-check -e ".[dev,cli,plots,datasets,paper,features,lightning,accelerate,tensorboard,docs]"
 	$(PY) scripts/fetch_datasets.py
 	touch $(STAMP)
 
@@ -28,6 +28,11 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# the documentation site, strictly (a broken link or reference fails it), into site/;
+# `$(VENV)/bin/mkdocs serve` to browse it while editing docs/
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 lint: install
 	$(PY) -m ruff check src tests benchmarks
 
@@ -35,4 +40,4 @@ bench-overhead: install
 	$(PY) benchmarks/overhead.py
 
 clean:
-	rm -rf $(VENV) demo_output runs .pytest_cache
+	rm -rf $(VENV) demo_output runs .pytest_cache site

@@ -27,14 +27,14 @@ TINY_SEQ = ["model.options.d_model=8", "model.options.heads=2", "model.options.e
 RUN = ["train.epochs=1", "train.batch_size=4", "train.eval_batch_size=8"]
 
 
-def _blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+def _blocks(lang: str, text: str = README) -> list[str]:
+    return re.findall(rf"^ *```{lang}\n(.*?)```", text, flags=re.S | re.M)
 
 
-def _command_blocks() -> list[list[str]]:
+def _command_blocks(text: str = README) -> list[list[str]]:
     """The command lines of each bash block (a block's commands may use each other's output)."""
     blocks = []
-    for block in _blocks("bash"):
+    for block in _blocks("bash", text):
         cmds = [re.sub(r"\s+#.*$", "", line).strip() for line in block.splitlines()]
         blocks.append([c for c in cmds if c and not c.startswith("#")])
     return blocks

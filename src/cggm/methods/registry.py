@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ INFO: dict[str, MethodInfo] = {}
 @dataclass(frozen=True)
 class MethodInfo:
     """What ``cggm methods`` and the documentation show of a registered method: ``summary`` (one
-    line: the class docstring's first line unless given), ``source`` (paper and code: the class's
+    line: the class docstring's first paragraph unless given), ``source`` (paper and code: the class's
     ``source`` unless given) and the method class (its ``support`` says what it requires)."""
 
     name: str
@@ -34,11 +35,17 @@ def register_method(name: str, factory: Callable[..., Any] | None = None, *, sum
         cls = _method_class(obj)
         doc = inspect.getdoc(obj) if isinstance(obj, type) else None
         METHODS[name] = obj
-        INFO[name] = MethodInfo(name, summary or (doc or inspect.getdoc(cls) or "").split("\n")[0].strip(),
+        INFO[name] = MethodInfo(name, summary or _first_paragraph(doc or inspect.getdoc(cls) or ""),
                                 source or getattr(cls, "source", ""), cls)
         return obj
 
     return deco(factory) if factory is not None else deco
+
+
+def _first_paragraph(doc: str) -> str:
+    """The docstring's first paragraph on one line (a summary may wrap), Sphinx roles as plain names."""
+    first = " ".join(doc.split("\n\n")[0].split())
+    return re.sub(r":(?:class|func|meth|mod|attr):`~?([^`]+)`", lambda m: m.group(1).split(".")[-1], first)
 
 
 def _method_class(obj: Any) -> type:

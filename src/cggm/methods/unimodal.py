@@ -15,7 +15,15 @@ from .registry import register_method
 
 @register_method("unimodal")
 class Unimodal(Method):
-    """Args: modality: the name (or index) of the modality to keep (default: the first)."""
+    """Unimodal training: the other modalities' inputs are zeroed in every batch (train and eval).
+
+    The same model, trained and evaluated with one modality only, so the fusion and head can use
+    only the kept modality: the paper's "model training only using one modality" row, under the
+    same architecture as every other method.
+
+    Args:
+        modality: the name (or index) of the modality to keep (default: the first).
+    """
 
     name = "unimodal"
     source = "the CGGM paper's unimodal baseline (Guo et al., NeurIPS 2024, arXiv:2411.01409)"
