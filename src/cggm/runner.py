@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import traceback
 from collections.abc import Sequence
@@ -11,14 +10,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import distributed
-from ._optional import require
 from .config import ConfigError, carry_method_options, resolved_options, same_method, train_config
 from .data.registry import load_dataset
 from .methods.registry import build_method, list_methods
+from .metrics.functional import summarize, t_crit  # noqa: F401  (where they were; the statistics live in metrics)
 from .models.factory import build_model
 from .training.outputs import set_aside_run, write_json
 from .training.trainer import RunResult, TrainConfigError, Trainer, seed_everything
@@ -135,25 +133,6 @@ def expand_methods(spec: str | Sequence[str]) -> list[str]:
     if unknown:
         raise ConfigError(f"Unknown method(s) {unknown}. Known: {', '.join(list_methods())}, or 'all'.")
     return names
-
-
-def summarize(values: Sequence[float]) -> dict[str, float]:
-    """Mean, sample std and a 95% t-interval half-width of per-seed values."""
-    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
-    if arr.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "ci95": float("nan"), "n": 0}
-    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-    return {"mean": float(arr.mean()), "std": std, "ci95": t_crit(arr.size) * std / math.sqrt(arr.size),
-            "n": int(arr.size)}
-
-
-def t_crit(n: int) -> float:
-    """Two-sided 95% Student-t critical value for n samples (n - 1 degrees of freedom), from
-    ``scipy.stats`` (the ``cli`` extra)."""
-    if n < 2:
-        return float("nan")
-    stats = require("scipy.stats", "cli", "Confidence intervals over seeds")
-    return float(stats.t.ppf(0.975, n - 1))
 
 
 def comparison_options(cfg: dict[str, Any], methods: Sequence[str],

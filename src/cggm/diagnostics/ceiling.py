@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..data.base import BatchIterator
+from ..metrics.functional import summarize
 
 
 def bayes_ceiling(data, split: str = "test") -> dict[str, float] | None:
@@ -26,8 +27,6 @@ def bayes_ceiling(data, split: str = "test") -> dict[str, float] | None:
 
 
 def _summary(values: list[float]) -> dict[str, float]:
-    from ..runner import summarize
-
     return summarize(values)
 
 

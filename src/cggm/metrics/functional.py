@@ -1,8 +1,14 @@
-"""Task metrics as pure functions of predictions and targets (numpy in, floats out)."""
+"""Task metrics as pure functions of predictions and targets (numpy in, floats out), and the
+summary of a metric over seeds (mean, std, 95% t-interval)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import numpy as np
+
+from .._optional import require
 
 
 def accuracy(pred: np.ndarray, target: np.ndarray) -> float:
@@ -87,3 +93,23 @@ def brats_dice(pred_labels: np.ndarray, target_labels: np.ndarray) -> dict[str, 
     out = {f"dice_{k}": dice(pr[k], tr[k]) for k in ("wt", "tc", "et")}
     out["dice_mean"] = float(np.mean(list(out.values())))
     return out
+
+
+# -- over seeds ------------------------------------------------------------------------------------
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample std and a 95% t-interval half-width of per-seed values."""
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if arr.size == 0:
+        return {"mean": float("nan"), "std": float("nan"), "ci95": float("nan"), "n": 0}
+    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return {"mean": float(arr.mean()), "std": std, "ci95": t_crit(arr.size) * std / math.sqrt(arr.size),
+            "n": int(arr.size)}
+
+
+def t_crit(n: int) -> float:
+    """Two-sided 95% Student-t critical value for n samples (n - 1 degrees of freedom), from
+    ``scipy.stats`` (the ``cli`` extra)."""
+    if n < 2:
+        return float("nan")
+    stats = require("scipy.stats", "cli", "Confidence intervals over seeds")
+    return float(stats.t.ppf(0.975, n - 1))
