@@ -34,7 +34,7 @@ def test_gap_shares_are_paired_by_seed():
 
 def test_sweep_figure_draws_the_ceilings_and_the_gap_panel():
     pytest.importorskip("matplotlib")
-    from cggm.diagnostics.runs import sweep_figure
+    from cggm.commands import sweep_figure
 
     fig = sweep_figure(RESULT)
     assert len(fig.axes) == 4
@@ -56,7 +56,7 @@ def test_demo_table_ends_with_the_bayes_row():
 
 
 def test_report_and_diagnose_show_the_ceiling():
-    from cggm.diagnostics.runs import _interpret
+    from cggm.commands import _interpret
     from cggm.report import dataset_markdown
 
     data = load_dataset("synthetic", imbalance=1.0)

@@ -123,7 +123,7 @@ def test_cggm_plot_of_a_bench_dir_names_methods_and_the_window(tmp_path, figures
 
 
 def test_sweep_figure_labels_and_legend():
-    from cggm.diagnostics.runs import sweep_figure
+    from cggm.commands import sweep_figure
 
     rows = [{"imbalance": x, "method": m, "seed": 0, "accuracy": 0.5, "weak_probe": 0.4, "weak_drop": 0.1}
             for x in (0.0, 3.0) for m in ("joint", "cggm")]

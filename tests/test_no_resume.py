@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cggm import cli
-from cggm.diagnostics.runs import diagnose
+from cggm.commands import diagnose
 from cggm.training import CheckpointError, Trainer
 
 TINY = ["--set", "dataset.options={dim: 4, n_train: 32, n_val: 16, n_test: 16}",

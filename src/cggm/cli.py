@@ -191,7 +191,7 @@ def _bench_report(args, cfg, methods, seeds) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .diagnostics.runs import plot_run
+    from .commands import plot_run
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     for p in plot_run(args.run_dir, args.output, window=args.window, methods=methods):
@@ -200,7 +200,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .diagnostics.runs import run_sweep
+    from .commands import run_sweep
     from .runner import expand_methods
 
     if args.seeds < 1 or args.epochs < 1:
@@ -216,7 +216,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_diagnose(args) -> int:
-    from .diagnostics.runs import diagnose
+    from .commands import diagnose
 
     res = diagnose(args.run_dir, data_path=args.data_path, device=args.device or "cpu", overrides=args.overrides,
                    shapley_masking=None if args.shapley_masking == "off" else args.shapley_masking,

@@ -34,7 +34,7 @@ def test_diagnose_and_bench_report_on_food101_features(tmp_path):
 
 
 def test_food101_means_targets_and_coarse_inputs(tmp_path):
-    from cggm.diagnostics.runs import _coarse
+    from cggm.commands import _coarse
 
     folder = write_food_cache(tmp_path, n=(12, 6))
     data = load_dataset("food101", path=str(folder), val_fraction=0.25)

@@ -83,7 +83,7 @@ def test_diagnose_needs_a_train_dir(tmp_path, capsys):
 
 
 def test_imbalance_sweep_writes_plot(tmp_path):
-    from cggm.diagnostics.runs import run_sweep
+    from cggm.commands import run_sweep
 
     res = run_sweep([0.0, 3.0], ["joint", "cggm"], [0], epochs=1, out_dir=tmp_path, log=lambda s: None,
                     dataset_options={"n_train": 200, "n_val": 60, "n_test": 120})

@@ -1,4 +1,6 @@
-"""Diagnostics from saved runs: plots of a run's records, the imbalance sweep, and ``diagnose``.
+"""What the command line does with runs (``cggm plot``, ``cggm sweep``, ``cggm diagnose``): plots of a
+run's records, the imbalance sweep, and ``diagnose``. Above the report and the runner, whose runs it
+reads and makes (it was ``cggm.diagnostics.runs``; the diagnostics package holds the analyses).
 
 * :func:`plot_run` — each modality's classifier metric, B, the cosines and L_gm over training,
   from a ``cggm train`` output dir (``result.json``) or a ``cggm bench --report`` dir
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .plots import _plt, plot_records, save_figure
+from .diagnostics.plots import _plt, plot_records, save_figure
 
 PREFIXES = ("eps/", "B/", "cos/", "L_gm")
 
@@ -106,9 +108,9 @@ def run_sweep(imbalances: Sequence[float], methods: Sequence[str], seeds: Sequen
               dataset_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train every method x seed on ``synthetic`` at each imbalance; write ``sweep.json``,
     ``sweep.csv`` and ``sweep.png`` (if matplotlib is installed) to ``out_dir``."""
-    from ..config import default_config
-    from ..data.registry import load_dataset
-    from ..report import run_one
+    from .config import default_config
+    from .data.registry import load_dataset
+    from .report import run_one
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,7 +142,7 @@ def run_sweep(imbalances: Sequence[float], methods: Sequence[str], seeds: Sequen
             f.write(f"{r['imbalance']},{r['method']},{r['seed']},{r['accuracy']},{r['weak_probe']},{r['weak_drop']},"
                     f"{r['strong_probe']}\n")
     if "joint" in methods:
-        from .ceiling import gap_table
+        from .diagnostics.ceiling import gap_table
 
         result["gap_table"] = gap_table(result)
         (out / "sweep_gap.md").write_text(result["gap_table"])
@@ -172,7 +174,7 @@ def sweep_figure(result: dict[str, Any]):
     span = float(xs.max() - xs.min()) if len(xs) > 1 else 1.0
     for ax, (key, title, ylabel) in zip(axes[0], panels):
         if key == "gap_share":
-            from .ceiling import plot_gap_shares
+            from .diagnostics.ceiling import plot_gap_shares
 
             plot_gap_shares(ax, result, xs, span)
         elif bayes:
@@ -222,8 +224,8 @@ def raw_probes(data) -> dict[str, float]:
     In-memory splits are probed on their flattened inputs. Memory-mapped splits (audio-visual
     clips, Food-101 features) are read by batches, and an input of more than ``RAW_PROBE_MAX``
     values is averaged first (:func:`_coarse`), so that the probe fits in memory."""
-    from ..data.stream import split_batches, split_targets
-    from .probe import linear_probe
+    from .data.stream import split_batches, split_targets
+    from .diagnostics.probe import linear_probe
 
     def features(ds) -> dict[str, torch.Tensor]:
         inputs = getattr(ds, "inputs", None)
@@ -267,14 +269,14 @@ def diagnose(run_dir: str | Path, data_path: str | None = None, device: str = "c
     ``shapley_masking``: also each modality's Shapley contribution to the fused metric on
     ``shapley_split`` (:func:`cggm.diagnostics.shapley.shapley_contributions` with that masking;
     ``None``: not computed)."""
-    from ..config import apply_override, load_config, validate
-    from ..data.base import DataError
-    from ..methods.registry import build_method
-    from ..models.factory import build_model
-    from ..report import removal_drops
-    from ..runner import load_data, settings_fingerprint
-    from ..training.checkpoint import CheckpointError, load_checkpoint, settings_changes
-    from .probe import probe_encoders
+    from .config import apply_override, load_config, validate
+    from .data.base import DataError
+    from .diagnostics.probe import probe_encoders
+    from .methods.registry import build_method
+    from .models.factory import build_model
+    from .report import removal_drops
+    from .runner import load_data, settings_fingerprint
+    from .training.checkpoint import CheckpointError, load_checkpoint, settings_changes
 
     run_dir = Path(run_dir)
     for f in ("config.yaml", "best.pt"):
@@ -331,7 +333,7 @@ def diagnose(run_dir: str | Path, data_path: str | None = None, device: str = "c
 
 def _shapley(model, method, data, masking: str, split: str) -> tuple[dict[str, Any] | None, str]:
     """Each modality's Shapley contribution (JSON-able, or None beyond the exact limit) and its text."""
-    from .shapley import MAX_MODALITIES, shapley_contributions
+    from .diagnostics.shapley import MAX_MODALITIES, shapley_contributions
 
     if len(data.modalities) > MAX_MODALITIES:
         return None, (f"(No Shapley contributions: {len(data.modalities)} modalities, more than the "
@@ -383,7 +385,7 @@ def _interpret(d: dict[str, Any], data) -> tuple[dict[str, str], str]:
               ("- A modality that is informative but has a small drop is under-used by the fused model: balancing "
               "methods (CGGM, OGM-GE, ...) aim to raise its drop and probe. A reference run with `--method "
               "unimodal --set method.options.modality=NAME` says how far it can go alone.")]
-    from .ceiling import bayes_ceiling
+    from .diagnostics.ceiling import bayes_ceiling
 
     ceiling = bayes_ceiling(data) if metric == "accuracy" else None
     if ceiling:  # data that knows its Bayes-optimal accuracy (the synthetic benchmark)
