@@ -40,3 +40,4 @@ from . import mla  # noqa: E402,F401,I001
 from . import relearning  # noqa: E402,F401,I001
 from . import lfm  # noqa: E402,F401,I001
 from . import mses  # noqa: E402,F401,I001
+from . import amco  # noqa: E402,F401,I001
