@@ -41,3 +41,4 @@ from . import relearning  # noqa: E402,F401,I001
 from . import lfm  # noqa: E402,F401,I001
 from . import mses  # noqa: E402,F401,I001
 from . import amco  # noqa: E402,F401,I001
+from . import valuation  # noqa: E402,F401,I001
