@@ -34,6 +34,8 @@ MUTANTS = {
  "amco: dependence from per-modality softmaxes instead of one across modalities": ("cggm/methods/amco.py",
    "p = torch.cat([z.float() for z in logits], dim=1).softmax(dim=1)",
    "p = torch.cat([z.float().softmax(1) for z in logits], dim=1) / len(logits)", ["tests/methods/test_amco.py"]),
+ "ogm_plus: boost on the dominant modality instead of the weak one": ("cggm/methods/ogm_plus.py",
+   "torch.where(ratio < 1,", "torch.where(ratio > 1,", ["tests/methods/test_ogm_plus.py"]),
  "mbsd: weight w not gated by correctness": ("cggm/methods/mbsd.py",
    "torch.where(correct, (ta - tb).abs(), torch.zeros_like(ta))", "(ta - tb).abs()"),
  "Shapley: uniform weights instead of |S|!(M-|S|-1)!/M!": ("cggm/diagnostics/shapley.py",

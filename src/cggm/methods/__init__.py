@@ -43,3 +43,4 @@ from . import mses  # noqa: E402,F401,I001
 from . import amco  # noqa: E402,F401,I001
 from . import valuation  # noqa: E402,F401,I001
 from . import di_mml  # noqa: E402,F401,I001
+from . import ogm_plus  # noqa: E402,F401,I001
