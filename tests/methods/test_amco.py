@@ -33,8 +33,8 @@ def _hand_slices(model, feats):
 
 
 def test_pt_values():
-    for l, want in ((0.0, 0.0), (0.15, math.sin(math.pi / 4)), (0.1, 0.5), (0.3, 1.0), (2.0, 1.0)):
-        assert amco_pt(l, 0.3) == pytest.approx(want)
+    for progress, want in ((0.0, 0.0), (0.15, math.sin(math.pi / 4)), (0.1, 0.5), (0.3, 1.0), (2.0, 1.0)):
+        assert amco_pt(progress, 0.3) == pytest.approx(want)
 
 
 def test_shares_by_hand_and_dependent_set_used_from_the_next_step():
