@@ -14,8 +14,9 @@ from cggm.types import Task
 
 
 class OwnProtocol(torch.utils.data.Dataset):
-    """A split that scores itself (as BraTS scores volumes): returns a fixed, hand-set result and
-    records the transform it was given, applied to a known batch."""
+    """A split with its own protocol (as BraTS scores volumes): its own metric, which returns a fixed,
+    hand-set result, and its own batches (one known batch of ones); records the inputs the method's
+    evaluation saw (after the evaluation's transform)."""
 
     def __init__(self, base):
         self.base, self.calls = base, []
@@ -29,10 +30,24 @@ class OwnProtocol(torch.utils.data.Dataset):
     def __getattr__(self, name):
         return getattr(self.__dict__["base"], name)
 
-    def evaluate(self, model, method, device, batch_size, transform=None):
-        seen = None if transform is None else transform({m: torch.ones(2, *s) for m, s in self.base.input_shapes.items()})
-        self.calls.append(seen)
-        return {"loss": 0.25, "accuracy": 0.75 if transform is None else 0.5}
+    def eval_batches(self, batch_size):
+        yield {m: torch.ones(2, *s) for m, s in self.base.input_shapes.items()}, {}, torch.zeros(2, dtype=torch.long)
+
+    def eval_metric(self):
+        own = self
+
+        class Fixed:
+            def reset(self):
+                return self
+
+            def update(self, prediction, target, loss=None):
+                pass
+
+            def compute(self):
+                untouched = all(bool((x == 1).all()) for x in own.calls[-1].values())
+                return {"loss": 0.25, "accuracy": 0.75 if untouched else 0.5}
+
+        return Fixed()
 
 
 @pytest.fixture()
@@ -42,13 +57,21 @@ def setup():
     data = DataSplits(data.name, data.task, data.train, data.val, own)
     model = build_model("mlp", data.input_shapes, data.task, feature_dim=4, hidden=8, head_hidden=8)
     method = build_method("joint").bind(model, data.task, data.modalities)
+    prepare = method.prepare_eval
+
+    def spy(inputs, masks):
+        if next(iter(inputs.values())).shape[0] == 2:  # the own split's batch
+            own.calls.append(dict(inputs))
+        return prepare(inputs, masks)
+
+    method.prepare_eval = spy
     return data, own, model, method
 
 
 def test_evaluate_with_uses_a_splits_own_protocol(setup):
     data, own, model, method = setup
     assert evaluate_with(model, method, data) == {"loss": 0.25, "accuracy": 0.75}
-    assert own.calls == [None]
+    assert len(own.calls) == 1 and all(bool((x == 1).all()) for x in own.calls[0].values())
 
 
 def test_the_removal_diagnostic_passes_its_replacement_to_the_splits_protocol(setup):

@@ -6,6 +6,7 @@ import torch
 
 from cggm.data import DataError, load_dataset
 from cggm.methods import build_method
+from cggm.training.evaluation import evaluate
 from cggm.types import ModelOutput
 
 nib = pytest.importorskip("nibabel")
@@ -78,17 +79,17 @@ def test_brats_volume_evaluation(tmp_path):
     data = load_dataset("brats", path=str(tmp_path), **OPTS)
     method = build_method("joint").bind(torch.nn.Identity(), data.task, data.modalities)
     for split in (data.val, data.test):
-        res = split.evaluate(Oracle(split), method, torch.device("cpu"), batch_size=3)
+        res = evaluate(Oracle(split), method, split, data.task, torch.device("cpu"), batch_size=3)
         # perfect inside the crop; the one oedema voxel outside the 16x16 crop is a missed WT voxel
         wt_truth = 6 * 6 * 4 + 1
         assert res["dice_wt"] == pytest.approx(2 * (wt_truth - 1) / (2 * wt_truth - 1))
         assert res["dice_tc"] == pytest.approx(1.0) and res["dice_et"] == pytest.approx(1.0)
         assert res["dice_mean"] == pytest.approx((res["dice_wt"] + 2) / 3)
-        assert res == split.evaluate(Oracle(split), method, torch.device("cpu"), batch_size=5)  # deterministic
+        assert res == evaluate(Oracle(split), method, split, data.task, torch.device("cpu"), batch_size=5)  # deterministic
     # a case with ET predicted as necrosis: ET Dice 0 where the case has ET (case 0), 1 where neither has it
     case = data.val.cases[0]
     has_et = int(case[-1]) % 2 == 0
-    res = data.val.evaluate(Oracle(data.val, drop_et=True), method, torch.device("cpu"), batch_size=4)
+    res = evaluate(Oracle(data.val, drop_et=True), method, data.val, data.task, torch.device("cpu"), batch_size=4)
     assert res["dice_et"] == (0.0 if has_et else 1.0)
 
 

@@ -1,10 +1,10 @@
 """The one evaluation path: the engine (:meth:`Trainer.evaluate`), the removal diagnostic and the
 reports (:func:`cggm.report.evaluate_with`) all score a model on a split here.
 
-* A split with its own protocol, ``dataset.evaluate(model, method, device, batch_size)`` (BraTS
-  scores whole volumes), is evaluated by it; a ``transform`` is passed on as ``transform=`` (a split
-  that takes none refuses it, rather than being silently scored without it). Under DDP such a split
-  is evaluated whole by every rank.
+* A split with its own protocol declares its metric and its batches: ``dataset.eval_metric()``
+  replaces the task's metrics (BraTS: :class:`cggm.metrics.volume.VolumeDice`, whole volumes) and
+  ``dataset.eval_batches(batch_size)`` gives the batches in the order that metric needs; they go
+  through the same :class:`EvalStep`. Under DDP such a split is evaluated whole by every rank.
 * Any other split goes batch by batch through the method's evaluation path (:class:`EvalStep`:
   ``prepare_eval``, the forward pass, ``eval_prediction``, ``eval_metrics``) into the task's metrics
   (:meth:`cggm.types.Task.metrics`). Under DDP each rank evaluates its shard (samples ``rank,
@@ -41,14 +41,15 @@ def evaluate(model: nn.Module, method, dataset, task: Task, device: torch.device
     was_training = model.training
     model.eval()
     try:
-        if hasattr(dataset, "evaluate"):
-            kwargs = {} if transform is None else {"transform": transform}
-            return dict(dataset.evaluate(model, method, device, batch_size, **kwargs))
-        world = distributed.world_size() if shard else 1
-        rank = distributed.rank() if world > 1 else 0
-        step = EvalStep(model, method, task, device, sync=world > 1)
-        for inputs, masks, target in BatchIterator(dataset, batch_size, shuffle=False, rank=rank, world_size=world,
-                                                   pad=False):
+        if hasattr(dataset, "eval_metric"):  # the split's own protocol, whole on every rank
+            step = EvalStep(model, method, task, device, metric=dataset.eval_metric())
+            batches = dataset.eval_batches(batch_size)
+        else:
+            world = distributed.world_size() if shard else 1
+            rank = distributed.rank() if world > 1 else 0
+            step = EvalStep(model, method, task, device, sync=world > 1)
+            batches = BatchIterator(dataset, batch_size, shuffle=False, rank=rank, world_size=world, pad=False)
+        for inputs, masks, target in batches:
             inputs = {m: x.to(device, non_blocking=True) for m, x in inputs.items()}
             masks = {m: v.to(device, non_blocking=True) for m, v in masks.items()}
             target = target.to(device, non_blocking=True)
@@ -61,13 +62,17 @@ def evaluate(model: nn.Module, method, dataset, task: Task, device: torch.device
 class EvalStep:
     """The one per-batch evaluation sequence (the engine, the Lightning module, BraTS's volumes and
     the diagnostics all score batches here): the method's ``prepare_eval``, the forward pass, the
-    method's ``eval_prediction`` into the task's metrics (``tracker=False``: none) and the method's
-    own ``eval_metrics``, updated with ``(out, target)``."""
+    method's ``eval_prediction`` into the task's metrics (``tracker=False``: none; ``metric``: a
+    split's own metric instead, fed ``(prediction, target, loss)`` like the task's) and the
+    method's own ``eval_metrics``, updated with ``(out, target)``."""
 
     def __init__(self, model: nn.Module, method, task: Task, device: torch.device | str, sync: bool = False,
-                 tracker: bool = True) -> None:
+                 tracker: bool = True, metric=None) -> None:
         self.model, self.method, self.task = model, method, task
-        self.tracker = _tracker(task, torch.device(device), sync) if tracker else None
+        if metric is not None:
+            self.tracker = metric.reset()
+        else:
+            self.tracker = _tracker(task, torch.device(device), sync) if tracker else None
         self.extra = dict(method.eval_metrics())
         for name, metric in self.extra.items():
             if hasattr(metric, "to"):

@@ -376,7 +376,7 @@ class Trainer:
         (CGGM: ``clf/<modality>``) is asked on a throw-away copy, after one loss on that batch so that
         modules it builds on the first batch exist; the model, the method and the random streams are
         left as they were (the method is always probed through a throw-away copy)."""
-        evaluates_itself = hasattr(self.data.val, "evaluate")
+        evaluates_itself = hasattr(self.data.val, "eval_metric")
         own = bool(self.method.eval_metrics())
         if evaluates_itself and getattr(self.data.val, "metric_names", None) is None:
             return None

@@ -35,7 +35,8 @@ tumour, otherwise among all slices that contain brain. With ``augment=True`` (de
 randomly flipped along each axis and each sequence's brain voxels are scaled by U(0.9, 1.1) and
 shifted by U(-0.1, 0.1).
 
-Evaluation (validation and test; :meth:`BratsVolumes.evaluate`) is deterministic: EVERY axial
+Evaluation (validation and test; :meth:`BratsVolumes.eval_metric`, a
+:class:`~cggm.metrics.volume.VolumeDice` fed by the one evaluation step) is deterministic: EVERY axial
 slice of every case is predicted, the slices are stacked back into a volume, and the Dice of WT
 (labels 1, 2, 3), TC (1, 3) and ET (3) is computed per case on the volume (1 when both prediction
 and ground truth are empty, 0 when only one is), then averaged over cases; ``dice_mean`` is the
@@ -55,6 +56,7 @@ from torch import Tensor
 
 from ..._optional import require
 from ...metrics.functional import brats_regions
+from ...metrics.volume import VolumeDice
 from ...types import Task
 from ..base import DataError, DataSplits
 from ..registry import register_dataset
@@ -293,53 +295,20 @@ class BratsVolumes(_BratsBase):
         k = int(np.searchsorted(self.offsets, int(i), side="right") - 1)
         return self._item(self.metas[k]["case"], int(i) - int(self.offsets[k]))
 
-    @torch.no_grad()
-    def evaluate(self, model, method, device, batch_size: int, transform=None) -> dict[str, float]:
-        """Per-case volume Dice of WT, TC, ET averaged over cases, plus the mean slice loss.
+    def eval_metric(self) -> VolumeDice:
+        """The split's own metric (replacing the task's slice metrics): per-case volume Dice of WT,
+        TC and ET averaged over cases, and the mean slice loss; fed :meth:`eval_batches` in order."""
+        return VolumeDice([m["depth"] for m in self.metas], [m["full_counts"] for m in self.metas])
 
-        ``transform`` maps each batch's inputs before the method's ``prepare_eval`` (the removal
-        diagnostic replaces one sequence by its mean; :func:`cggm.training.evaluation.evaluate`)."""
-        was_training = model.training
-        model.eval()
-        from ...training.evaluation import EvalStep  # (the one evaluation step; imported here: training imports data)
-
-        task = method.task
-        step = EvalStep(model, method, task, device, tracker=False)
-        per_case = {r: [] for r in REGIONS}
-        loss_sum, n_slices = 0.0, 0
+    def eval_batches(self, batch_size: int):
+        """``(inputs, masks, target)`` of every slice of every case, in order, ``batch_size`` slices
+        at most and never two cases in one batch (the loss of a batch is over its slices)."""
         for meta in self.metas:
             img, seg = self._arrays(meta["case"])
-            counts = {r: np.zeros(2, dtype=np.int64) for r in REGIONS}  # intersection, predicted
             for start in range(0, meta["depth"], batch_size):
-                x = torch.from_numpy(np.asarray(img[start:start + batch_size], dtype=np.float32)).to(device)
-                y = torch.from_numpy(np.asarray(seg[start:start + batch_size], dtype=np.int64)).to(device)
-                inputs = {m: x[:, k:k + 1] for k, m in enumerate(SEQUENCES)}
-                if transform is not None:
-                    inputs = transform(inputs)
-                _, pred = step(inputs, {}, y)
-                loss_sum += float(task.loss(pred, y)) * y.shape[0]
-                n_slices += int(y.shape[0])
-                truth = _regions_t(y)
-                for r, pr in _regions_t(pred.argmax(dim=1)).items():
-                    tr = truth[r]
-                    counts[r] += np.array([int((pr & tr).sum()), int(pr.sum())])
-            for r in REGIONS:
-                inter, p = counts[r]
-                t = meta["full_counts"][r]  # the whole volume's ground truth, outside the crop included
-                per_case[r].append(1.0 if p + t == 0 else 2.0 * inter / (p + t))
-        out = {"loss": loss_sum / max(n_slices, 1)}
-        for r in REGIONS:
-            out[f"dice_{r}"] = float(np.mean(per_case[r]))
-        out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in REGIONS]))
-        out["cases"] = float(len(self.metas))
-        out.update(step.compute())
-        if was_training:
-            model.train()
-        return out
-
-
-def _regions_t(labels: Tensor) -> dict[str, Tensor]:
-    return {"wt": labels > 0, "tc": (labels == 1) | (labels == 3), "et": labels == 3}
+                x = torch.from_numpy(np.asarray(img[start:start + batch_size], dtype=np.float32))
+                y = torch.from_numpy(np.asarray(seg[start:start + batch_size], dtype=np.int64))
+                yield {m: x[:, k:k + 1] for k, m in enumerate(SEQUENCES)}, {}, y
 
 
 def case_split(cases: list[str], fractions=(0.7, 0.1, 0.2), seed: int = 0) -> dict[str, list[str]]:
