@@ -243,18 +243,18 @@ def comparison_page(notes: str = "") -> str:
             f"All {len(reg)} registered methods, generated from the registry at build time "
             "(`cggm methods` prints the same names and summaries). Every method runs in the same engine "
             "(`cggm.training.Trainer`, `cggm train --method NAME`) or in [your own loop](../own-loop.md).", "",
-            "## What each one does", "", "| method | summary | source |", "|---|---|---|"]
-    for n, i in reg.items():
-        rows.append(f"| [`{n}`]({n}.md) | {_cell(i.summary)} | {_cell(i.source)} |")
-    rows += ["", "## Where it hooks in, what it needs", "",
-             "Hook points are the base hooks the class overrides "
-             "([Writing a method](../writing-a-method.md) lists the twelve). M: number of modalities.", "",
-             "| method | hook points | M | tasks | requirements |", "|---|---|---|---|---|"]
+            "## Where each hooks in, what it needs", "",
+            "Hook points are the base hooks the class overrides "
+            "([Writing a method](../writing-a-method.md) lists the twelve). M: number of modalities.", "",
+            "| method | hook points | M | tasks | requirements |", "|---|---|---|---|---|"]
     for n, i in reg.items():
         s = i.cls.support
         hooks = ", ".join(SHORT[h] for h in overridden_hooks(i.cls)) or "none"
         req = "; ".join(requirements(s)) or "nothing beyond the model contract"
         rows.append(f"| [`{n}`]({n}.md) | {hooks} | {modalities(s)} | {', '.join(s.tasks)} | {_cell(req)} |")
+    rows += ["", "## What each one does", "", "| method | summary | source |", "|---|---|---|"]
+    for n, i in reg.items():
+        rows.append(f"| [`{n}`]({n}.md) | {_cell(i.summary)} | {_cell(i.source)} |")
     del METHODS
     if notes:
         rows += ["", notes.strip()]
