@@ -494,6 +494,8 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> RunResult:
+        """Train for ``config.epochs`` epochs (resuming from ``output_dir/last.pt`` when there is one),
+        select the checkpoint on validation, evaluate test once on it, and return the :class:`RunResult`."""
         c = self.config
         threads = torch.get_num_threads()
         if c.threads is not None:
