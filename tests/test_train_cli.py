@@ -42,7 +42,7 @@ def test_every_config_problem_is_reported_at_once_before_anything_is_written(tmp
            "dataset.options.n_train=abc": "dataset.options.n_train must be an integer, got 'abc'",
            "method.options.classifier_lr=-1": "method.options.classifier_lr: classifier_lr must be > 0, got -1",
            "train.plateau_factor=2": "train.plateau_factor must be in (0, 1)",
-           "method.options.rho=.inf": "method.options.rho must be a finite number, got inf"}
+           "method.options.rho=.inf": "method.options.rho must be a finite number or null, got inf"}
     argv = ["train", *TINY, *[a for item in bad for a in ("--set", item)], "--output", str(out)]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err

@@ -89,6 +89,12 @@ class CGGM(Method):
             raise ValueError(f"CGGM lam (lambda) must be a finite number >= 0, got {lam}.")
         if scale_on not in parts.SCALE_ON:
             raise ValueError(f"CGGM scale_on must be 'auto', 'gradient' or 'update', got {scale_on!r}.")
+        if classifier_optimizer not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"classifier_optimizer must be 'adam', 'adamw' or 'sgd', got {classifier_optimizer!r}.")
+        if not classifier_lr > 0:
+            raise ValueError(f"classifier_lr must be > 0, got {classifier_lr}.")
+        if classifier_weight_decay < 0:
+            raise ValueError(f"classifier_weight_decay must be >= 0, got {classifier_weight_decay}.")
         self.lam, self.magnitude, self.scale_on = float(lam), bool(magnitude), scale_on
         self.epsilon = parts.Epsilon(metric)
         self.add_state("rule", _rule(rule, rho, rule_options))
