@@ -260,25 +260,12 @@ def _coarse(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return cells.flatten(1)
 
 
-def diagnose(run_dir: str | Path, data_path: str | None = None, device: str = "cpu",
-             overrides: Sequence[str] = (), shapley_masking: str | None = "mean",
-             shapley_split: str = "val") -> dict[str, Any]:
-    """Load ``best.pt`` + ``config.yaml`` of a ``cggm train`` output dir, rebuild its data, and
-    measure each modality's utilization. Returns the numbers and a text report (``text``).
-
-    ``shapley_masking``: also each modality's Shapley contribution to the fused metric on
-    ``shapley_split`` (:func:`cggm.diagnostics.shapley.shapley_contributions` with that masking;
-    ``None``: not computed)."""
+def _diagnosed_config(run_dir: Path, data_path: str | None, overrides: Sequence[str]):
+    """The run's config (with the data path and overrides applied) and its data, checked."""
     from .config import apply_override, load_config, validate
     from .data.base import DataError
-    from .diagnostics.probe import probe_encoders
-    from .methods.registry import build_method
-    from .models.factory import build_model
-    from .report import removal_drops
-    from .runner import load_data, settings_fingerprint
-    from .training.checkpoint import CheckpointError, load_checkpoint, settings_changes
+    from .runner import load_data
 
-    run_dir = Path(run_dir)
     for f in ("config.yaml", "best.pt"):
         if not (run_dir / f).is_file():
             raise FileNotFoundError(f"{run_dir / f} not found: `cggm diagnose` needs the output dir of `cggm train "
@@ -292,6 +279,17 @@ def diagnose(run_dir: str | Path, data_path: str | None = None, device: str = "c
     data = load_data(cfg)
     if not data.task.probes:  # (a linear probe cannot read feature maps)
         raise DataError(f"diagnose supports classification and regression, not {data.task.kind}.")
+    return cfg, data
+
+
+def _diagnosed_model(run_dir: Path, cfg: dict[str, Any], data, device: str):
+    """The run's model loaded from ``best.pt`` (refused when it is not the config's run) on
+    ``device``, and its method bound to it with its saved state where it loads."""
+    from .methods.registry import build_method
+    from .models.factory import build_model
+    from .runner import settings_fingerprint
+    from .training.checkpoint import CheckpointError, load_checkpoint, settings_changes
+
     model = build_model(cfg["model"]["arch"], data.input_shapes, data.task, **cfg["model"].get("options", {}))
     state = load_checkpoint(run_dir / "best.pt")
     # a folder whose config.yaml and best.pt come from two runs would describe one run's model
@@ -314,6 +312,24 @@ def diagnose(run_dir: str | Path, data_path: str | None = None, device: str = "c
             method.load_state_dict(state["method"])
         except (KeyError, RuntimeError, ValueError):
             pass  # evaluation of most methods does not depend on their training state
+    return model, method
+
+
+def diagnose(run_dir: str | Path, data_path: str | None = None, device: str = "cpu",
+             overrides: Sequence[str] = (), shapley_masking: str | None = "mean",
+             shapley_split: str = "val") -> dict[str, Any]:
+    """Load ``best.pt`` + ``config.yaml`` of a ``cggm train`` output dir, rebuild its data, and
+    measure each modality's utilization. Returns the numbers and a text report (``text``).
+
+    ``shapley_masking``: also each modality's Shapley contribution to the fused metric on
+    ``shapley_split`` (:func:`cggm.diagnostics.shapley.shapley_contributions` with that masking;
+    ``None``: not computed)."""
+    from .diagnostics.probe import probe_encoders
+    from .report import removal_drops
+
+    run_dir = Path(run_dir)
+    cfg, data = _diagnosed_config(run_dir, data_path, overrides)
+    model, method = _diagnosed_model(run_dir, cfg, data, device)
     metric = data.task.headline.name
     with torch.no_grad():
         full, drops = removal_drops(model, method, data, metric)
