@@ -112,3 +112,14 @@ def test_documented_loop_runs_for_every_method(data, name):
     assert method.global_step == EPOCHS * 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_an_epoch_window_makes_a_method_need_its_epoch_hooks():
+    """A window (or an epoch-dependent schedule) set on a method that otherwise ignores epochs: the
+    plain loop would never leave epoch 0, so the window would silently never open (or close)."""
+    from cggm.methods import build_method
+
+    for name, options in [("agm", {"start_epoch": 2}), ("ogm_ge", {"end_epoch": 3}), ("mbsd", {"start_epoch": 1}),
+                          ("cml", {"variant": "bmm"})]:
+        assert build_method(name, **options).support.epoch_hooks, name
+        assert not build_method(name).support.epoch_hooks, name

@@ -97,6 +97,7 @@ class AGM(Method):
             raise ValueError(f"AGM alpha must be >= 0, got {alpha}.")
         self.alpha, self.clamp = float(alpha), float(clamp)
         self.start_epoch, self.end_epoch = int(start_epoch), end_epoch
+        self.uses_epochs(self.start_epoch, self.end_epoch)
         self.add_state("running", None)  # running mean of the scores (a tensor once a step is taken)
         self.add_state("count", 0)
 

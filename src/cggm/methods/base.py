@@ -22,6 +22,7 @@ The hooks, by when they run:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -151,6 +152,12 @@ class Method(StepProtocol, legacy.LegacyHooks):
     def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Tell the method which optimizer steps the model (see :meth:`bind`)."""
         self.optimizer = optimizer
+
+    def uses_epochs(self, start: int = 0, end: int | None = None) -> None:
+        """Declare, for this instance, that it acts by epoch (an epoch window other than "always" or an
+        epoch-dependent schedule): a loop that never calls ``begin_epoch`` is then refused."""
+        if start or end is not None:
+            self.support = dataclasses.replace(type(self).support, epoch_hooks=True)
 
     def check_support(self, num_modalities: int, task: Task) -> None:
         check_support(self.name, self.support, num_modalities, task)

@@ -100,6 +100,8 @@ class CML(Method):
         if not lam >= 0:
             raise ValueError(f"CML lam must be >= 0, got {lam}.")
         self.lam, self.variant, self.eps = float(lam), variant, float(eps)
+        if variant == "bmm":  # (one removal order per epoch: a loop must tell it the epoch)
+            self.uses_epochs(1)
         self.add_state("generator", SeededGenerator(seed))
         self.add_state("seed", seed)
         self.last_order: Tensor | None = None  # this step's removal order, [B, M] (for inspection)

@@ -97,6 +97,7 @@ class MBSD(Method):
             raise ValueError(f"MBSD rs_on must be 'auto', 'logits' or 'probs', got {rs_on!r}.")
         self.variant, self.rs_on = variant, rs_on
         self.start_epoch, self.end_epoch = int(start_epoch), end_epoch
+        self.uses_epochs(self.start_epoch, self.end_epoch)
 
     def compute_loss(self, out: ModelOutput, target: Tensor, task_loss: Tensor) -> Tensor:
         if not in_window(self.epoch, self.start_epoch, self.end_epoch):

@@ -66,6 +66,7 @@ class OGMGE(Method):
             raise ValueError(f"OGM alpha must be >= 0, got {alpha}.")
         self.alpha, self.noise, self.offset = float(alpha), bool(noise), float(offset)
         self.start_epoch, self.end_epoch = int(start_epoch), end_epoch
+        self.uses_epochs(self.start_epoch, self.end_epoch)
         self.seed = seed
         self.k: Tensor | None = None  # this step's coefficients, set by compute_loss every step
         self.add_state("noise_generator", SeededGenerator(seed))

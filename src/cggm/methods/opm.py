@@ -94,6 +94,7 @@ class OPM(Method):
             raise ValueError(f"OPM lam must be >= 0, got {lam}.")
         self.q_base, self.lam, self.p_exe = float(q_base), float(lam), float(p_exe)
         self.start_epoch, self.end_epoch = int(start_epoch), end_epoch
+        self.uses_epochs(self.start_epoch, self.end_epoch)
         self.add_state("generator", SeededGenerator(seed))
         self.last_keep: Tensor | None = None  # this step's kappa [B, M] (None: not executed), for inspection
 
