@@ -263,11 +263,7 @@ def cmd_list(what: str) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cggm", description="Balanced multimodal learning: CGGM and peers.")
-    parser.add_argument("--version", action="version", version=f"cggm {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train and test one configured run")
     _common_config_args(p)
     p.add_argument("--method", help="method name (sets method.name; see `cggm methods`)")
@@ -276,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(fn=cmd_train)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="methods x seeds on one dataset: a mean +- std table and a JSON file")
     _common_config_args(p)
     p.add_argument("--methods", default="joint,cggm", help="comma-separated method names, or 'all'")
@@ -288,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "bench.json and per-method records to DIR (unimodal is expanded to each modality)")
     p.set_defaults(fn=cmd_bench)
 
+
+def _add_plot(sub) -> None:
     p = sub.add_parser("plot", help="plot a run's classifier metric, B, cosines and L_gm over training")
     p.add_argument("run_dir", help="a `cggm train --output` dir or a `cggm bench --report` dir")
     p.add_argument("--output", default=None, help="folder for the PNGs (default: RUN_DIR)")
@@ -295,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=25, help="moving-average window in steps")
     p.set_defaults(fn=cmd_plot)
 
+
+def _add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="imbalance sweep on the synthetic data: weak-modality utilization and accuracy")
     p.add_argument("--imbalances", default="0,1,2,3,5", help="comma-separated values of the imbalance knob")
     p.add_argument("--methods", default="joint,cggm,cggm_paper", help="comma-separated method names, or 'all'")
@@ -303,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="sweep_output", help="folder for sweep.json, sweep.csv and sweep.png")
     p.set_defaults(fn=cmd_sweep)
 
+
+def _add_diagnose(sub) -> None:
     p = sub.add_parser("diagnose", help="does a trained model under-use a modality? (probe and removal numbers)")
     p.add_argument("run_dir", help="the output dir of `cggm train` (holds best.pt and config.yaml)")
     p.add_argument("--data-path", default=None, help="where the dataset lives, if it moved")
@@ -317,12 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the split the Shapley contributions are measured on (default val)")
     p.set_defaults(fn=cmd_diagnose)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="joint training vs CGGM on the built-in synthetic data")
     p.add_argument("--output", default="demo_output", help="folder for demo.png and demo.json")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=20)
     p.set_defaults(fn=cmd_demo)
 
+
+def _add_fetch(sub) -> None:
     p = sub.add_parser("fetch", help="fetch the files of the built-in real datasets into $CGGM_DATA_DIR "
                        "(default ~/.cache/cggm)",
                        description="Fetches, once, the files of the built-in real datasets that no PyPI extra "
@@ -333,9 +341,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list what would be fetched, and where, and stop")
     p.set_defaults(fn=cmd_fetch)
 
+
+def _add_lists(sub) -> None:
     for what in ("methods", "datasets", "presets"):
         p = sub.add_parser(what, help=f"list the registered {what}")
         p.set_defaults(fn=lambda args, w=what: cmd_list(w))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cggm", description="Balanced multimodal learning: CGGM and peers.")
+    parser.add_argument("--version", action="version", version=f"cggm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_bench(sub)
+    _add_plot(sub)
+    _add_sweep(sub)
+    _add_diagnose(sub)
+    _add_demo(sub)
+    _add_fetch(sub)
+    _add_lists(sub)
     return parser
 
 
