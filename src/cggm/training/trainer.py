@@ -237,6 +237,21 @@ def _to(batch, device):
             {k: v.to(device, non_blocking=True) for k, v in masks.items()}, target.to(device, non_blocking=True))
 
 
+@dataclass
+class _Run:
+    """A run's bookkeeping across epochs (what a checkpoint keeps to resume it)."""
+
+    start_epoch: int = 0
+    skip: int = 0  # batches of start_epoch already trained (a mid-epoch resume)
+    best: dict[str, Any] = field(default_factory=lambda: {"metric": None, "epoch": -1, "val": {}})
+    history: list[dict[str, Any]] = field(default_factory=list)
+    records: dict[str, list[float]] = field(default_factory=dict)
+    partial: dict[str, Any] = field(default_factory=lambda: {"loss_sum": 0.0, "steps": 0, "seconds": 0.0})
+    logged: dict[str, int] = field(default_factory=dict)
+    best_weights: dict[str, Any] | None = None
+    best_method: dict[str, Any] | None = None
+
+
 class Trainer:
     """Train ``model`` with ``method`` on ``data``; see the module docstring.
 
@@ -512,6 +527,8 @@ class Trainer:
                 torch.set_num_threads(threads)
 
     def _fit(self, files: RunFiles, progress: Progress) -> RunResult:
+        """The loop: each epoch trains (:meth:`_train_epoch`), validates, lets the method end its
+        epoch and checkpoints (:meth:`_end_epoch`); then the selected epoch is tested (:meth:`_test`)."""
         c = self.config
         if c.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -520,113 +537,124 @@ class Trainer:
         if steps_per_epoch == 0:
             raise ValueError("The training split yields no batch.")
         self.scheduler = self._make_scheduler(steps_per_epoch)
-        per_step = isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR)
-        best = {"metric": None, "epoch": -1, "val": {}}
-        history: list[dict[str, Any]] = []
-        records: dict[str, list[float]] = {}
-        start_epoch, skip = 0, 0
-        partial = {"loss_sum": 0.0, "steps": 0, "seconds": 0.0}
-        best_weights = best_method = None
-        last = self.last_checkpoint
-        state, self._resume_state = self._resume_state, None
-        if state is not None:
-            self._restore(state)
-            start_epoch, skip = state["epoch"], state["batch"]
-            best, history, records = state["best"], state["history"], state["records"]
-            partial = state.get("partial", partial)
-            if start_epoch >= c.epochs:
-                self._log(f"{last} is a finished run ({start_epoch} epochs): evaluating test on its selected "
-                          f"checkpoint (raise train.epochs to train on)")
-            else:
-                self._log(f"resumed from {last} at epoch {start_epoch}, batch {skip}")
-        # how many of each record are in the TensorBoard files already: those of the epochs before
-        # (a mid-epoch checkpoint holds part of its epoch's records, which are written at its end)
-        logged = {k: len(v) for k, v in records.items()}
-        if skip and "records_logged" in partial:
-            logged = dict(partial["records_logged"])
-        files.begin(history)
+        run = self._begin_run()
+        files.begin(run.history)
         t_start = time.perf_counter()
-        for epoch in range(start_epoch, c.epochs):
-            if skip == 0:
+        for epoch in range(run.start_epoch, c.epochs):
+            if run.skip == 0:
                 # resuming mid-epoch, the method's restored state already holds what its
                 # on_epoch_start computed at the start of this epoch (on the model of that time)
                 self.method.begin_epoch(self._epoch_context(epoch))
             self.model.train()
-            t_epoch = time.perf_counter()
-            epoch_records: dict[str, list[torch.Tensor]] = {}
-            loss_sum = torch.zeros((), device=self.device) + partial["loss_sum"]
-            steps = partial["steps"]
-            batch_index = skip
-            progress.start_epoch(epoch, steps_per_epoch, skip)
-            for batch_index, batch in enumerate(self._batches("train", epoch, skip, shard=True), start=skip):
-                loss = self._train_step(*batch, epoch=epoch, batch_index=batch_index, last=last)
-                if loss is not None:  # (a skipped step's records describe a step that was not taken)
-                    loss_sum += loss.detach()
-                    steps += 1
-                    for k, v in self.method.records().items():
-                        epoch_records.setdefault(k, []).append(v)
-                if per_step:
-                    self.scheduler.step()
-                if c.checkpoint_every and (batch_index + 1) % c.checkpoint_every == 0 \
-                        and batch_index + 1 < steps_per_epoch:
-                    self._flush(records, epoch_records)
-                    partial = {"loss_sum": float(loss_sum), "steps": steps,
-                               "seconds": partial["seconds"] + time.perf_counter() - t_epoch, "records_logged": logged}
-                    t_epoch = time.perf_counter()
-                    self._save("last.pt", self._state(epoch, batch_index + 1, {
-                        "best": best, "history": history, "records": records, "partial": partial}))
-                progress.step(batch_index + 1, loss)
-                if c.step_delay:
-                    time.sleep(c.step_delay)
+            progress.start_epoch(epoch, steps_per_epoch, run.skip)
+            loss_sum, steps, seconds = self._train_epoch(run, epoch, steps_per_epoch, progress)
             progress.end_epoch()
-            skip = 0
-            self._flush(records, epoch_records)
-            seconds = partial["seconds"] + time.perf_counter() - t_epoch
-            val = self.evaluate("val")
-            self.method.finish_epoch(self._epoch_context(epoch, val))
-            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                self.scheduler.step(val["loss"])
-            row = {"epoch": epoch, "train_loss": float(loss_sum) / max(steps, 1), "seconds": seconds,
-                   "lr": self.optimizer.param_groups[0]["lr"], **{f"val/{k}": v for k, v in val.items()}}
-            history.append(row)
-            score = val.get(self.select_name)
-            if score is None:
-                raise KeyError(f"Selection metric {self.select_name!r} is not among the validation metrics "
-                               f"{sorted(val)}.")
-            if best["metric"] is None or (score > best["metric"] if self.select_mode == "max" else score < best["metric"]):
-                best = {"metric": score, "epoch": epoch, "val": val}
-                best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                best_method = copy.deepcopy(self.method.state_dict())  # the selected run is model and method
-                self._save("best.pt", {"fingerprint": self.fingerprint, "epoch": epoch, "model": best_weights,
-                                       "val": val, "method": best_method})
-            partial = {"loss_sum": 0.0, "steps": 0, "seconds": 0.0}
-            self._save("last.pt", self._state(epoch + 1, 0, {"best": best, "history": history, "records": records,
-                                                              "partial": partial}))
-            files.epoch_end(row, history, records, logged)
-            logged = {k: len(v) for k, v in records.items()}
-            self._log(self._summary(row))
-        # test once, on the checkpoint selected on validation
+            run.skip = 0
+            self._end_epoch(run, epoch, loss_sum, steps, seconds, files)
+        return self._test(run, time.perf_counter() - t_start, files)
+
+    def _begin_run(self) -> _Run:
+        """A fresh run's bookkeeping, or the resumed checkpoint's."""
+        run = _Run()
+        state, self._resume_state = self._resume_state, None
+        last = self.last_checkpoint
+        if state is not None:
+            self._restore(state)
+            run.start_epoch, run.skip = state["epoch"], state["batch"]
+            run.best, run.history, run.records = state["best"], state["history"], state["records"]
+            run.partial = state.get("partial", run.partial)
+            if run.start_epoch >= self.config.epochs:
+                self._log(f"{last} is a finished run ({run.start_epoch} epochs): evaluating test on its selected "
+                          f"checkpoint (raise train.epochs to train on)")
+            else:
+                self._log(f"resumed from {last} at epoch {run.start_epoch}, batch {run.skip}")
+        # how many of each record are in the TensorBoard files already: those of the epochs before
+        # (a mid-epoch checkpoint holds part of its epoch's records, which are written at its end)
+        run.logged = {k: len(v) for k, v in run.records.items()}
+        if run.skip and "records_logged" in run.partial:
+            run.logged = dict(run.partial["records_logged"])
+        return run
+
+    def _train_epoch(self, run: _Run, epoch: int, steps_per_epoch: int, progress: Progress):
+        """The epoch's steps (from ``run.skip`` on), with mid-epoch checkpoints; returns the loss sum,
+        the steps taken and the seconds spent."""
+        c, last = self.config, self.last_checkpoint
+        per_step = isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR)
+        t_epoch = time.perf_counter()
+        epoch_records: dict[str, list[torch.Tensor]] = {}
+        loss_sum = torch.zeros((), device=self.device) + run.partial["loss_sum"]
+        steps = run.partial["steps"]
+        for batch_index, batch in enumerate(self._batches("train", epoch, run.skip, shard=True), start=run.skip):
+            loss = self._train_step(*batch, epoch=epoch, batch_index=batch_index, last=last)
+            if loss is not None:  # (a skipped step's records describe a step that was not taken)
+                loss_sum += loss.detach()
+                steps += 1
+                for k, v in self.method.records().items():
+                    epoch_records.setdefault(k, []).append(v)
+            if per_step:
+                self.scheduler.step()
+            if c.checkpoint_every and (batch_index + 1) % c.checkpoint_every == 0 and batch_index + 1 < steps_per_epoch:
+                self._flush(run.records, epoch_records)
+                run.partial = {"loss_sum": float(loss_sum), "steps": steps, "records_logged": run.logged,
+                               "seconds": run.partial["seconds"] + time.perf_counter() - t_epoch}
+                t_epoch = time.perf_counter()
+                self._save("last.pt", self._state(epoch, batch_index + 1, {
+                    "best": run.best, "history": run.history, "records": run.records, "partial": run.partial}))
+            progress.step(batch_index + 1, loss)
+            if c.step_delay:
+                time.sleep(c.step_delay)
+        self._flush(run.records, epoch_records)
+        return loss_sum, steps, run.partial["seconds"] + time.perf_counter() - t_epoch
+
+    def _end_epoch(self, run: _Run, epoch: int, loss_sum, steps: int, seconds: float, files: RunFiles) -> None:
+        """Validate, let the method end its epoch, select, checkpoint and write the epoch's outputs."""
+        val = self.evaluate("val")
+        self.method.finish_epoch(self._epoch_context(epoch, val))
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(val["loss"])
+        row = {"epoch": epoch, "train_loss": float(loss_sum) / max(steps, 1), "seconds": seconds,
+               "lr": self.optimizer.param_groups[0]["lr"], **{f"val/{k}": v for k, v in val.items()}}
+        run.history.append(row)
+        score = val.get(self.select_name)
+        if score is None:
+            raise KeyError(f"Selection metric {self.select_name!r} is not among the validation metrics {sorted(val)}.")
+        best = run.best["metric"]
+        if best is None or (score > best if self.select_mode == "max" else score < best):
+            run.best = {"metric": score, "epoch": epoch, "val": val}
+            run.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            run.best_method = copy.deepcopy(self.method.state_dict())  # the selected run is model and method
+            self._save("best.pt", {"fingerprint": self.fingerprint, "epoch": epoch, "model": run.best_weights,
+                                   "val": val, "method": run.best_method})
+        run.partial = {"loss_sum": 0.0, "steps": 0, "seconds": 0.0}
+        self._save("last.pt", self._state(epoch + 1, 0, {"best": run.best, "history": run.history,
+                                                          "records": run.records, "partial": run.partial}))
+        files.epoch_end(row, run.history, run.records, run.logged)
+        run.logged = {k: len(v) for k, v in run.records.items()}
+        self._log(self._summary(row))
+
+    def _test(self, run: _Run, seconds: float, files: RunFiles) -> RunResult:
+        """Test once, on the epoch selected on validation: its weights and the method's state of that
+        epoch (heads, classifiers, statistics), not the last epoch's method state."""
+        best_weights, best_method = run.best_weights, run.best_method
         if best_weights is None and self.output_dir is not None and (self.output_dir / "best.pt").exists():
             selected = load_checkpoint(self.output_dir / "best.pt")
             best_weights, best_method = selected["model"], selected.get("method")
         final_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         final_method = copy.deepcopy(self.method.state_dict())
         if best_weights is not None:
-            # test the selected epoch as a whole: its weights and the method's state of that epoch
-            # (heads, classifiers, statistics), not the last epoch's method state
             self.model.load_state_dict(best_weights)
             if best_method is not None:
                 self.method.load_state_dict(_to_device(best_method, self.device))
         test = self.evaluate("test")
-        seconds = time.perf_counter() - t_start
-        result = RunResult(best_epoch=best["epoch"], val=best["val"], test=test, history=history, records=records,
-                           skipped_steps=self.skipped_steps, seconds=seconds,
+        history = run.history
+        result = RunResult(best_epoch=run.best["epoch"], val=run.best["val"], test=test, history=history,
+                           records=run.records, skipped_steps=self.skipped_steps, seconds=seconds,
                            seconds_per_epoch=float(np.mean([h["seconds"] for h in history])) if history else 0.0,
                            output_dir=None if self.output_dir is None else str(self.output_dir),
                            extra={"final_weights": final_weights, "final_method": final_method})
         if self.output_dir is not None and distributed.is_main_process():
             write_json(self.output_dir / "result.json", {k: v for k, v in result.to_json().items() if k != "extra"})
-            files.end(history, records)
+            files.end(history, run.records)
         return result
 
     def _train_step(self, inputs, masks, target, epoch: int, batch_index: int, last) -> torch.Tensor | None:
