@@ -50,13 +50,19 @@ def _worker_init() -> None:
 def run_dataset(name: str, epochs: int, options: dict, methods: list[str], seeds: list[int], records_dir: str) -> dict:
     from cggm.config import default_config
     from cggm.report import run_benchmark
+    from cggm.runner import BenchmarkError
 
     cfg = default_config()
     cfg["model"] = {"arch": "mlp", "options": {}}
     cfg["train"] = {"epochs": epochs, "batch_size": 64, "lr": 1e-3}
     lines: list[str] = []
-    res = run_benchmark(cfg, [name], methods, seeds, dataset_options={name: options}, records_dir=records_dir,
-                        log=lines.append)
+    try:
+        res = run_benchmark(cfg, [name], methods, seeds, dataset_options={name: options}, records_dir=records_dir,
+                            log=lines.append)
+        res["failed"] = []
+    except BenchmarkError as err:  # the other runs went on: report the finished ones and name the failed
+        res = err.report
+        res["failed"] = [{k: f.get(k) for k in ("dataset", "label", "method", "seed", "error")} for f in err.failed]
     res["datasets"][0]["epochs"] = epochs
     res["log"] = lines
     return res
@@ -185,6 +191,7 @@ def main() -> int:
         for name, fut in futs.items():
             parts[name] = fut.result()
             print(f"  {name}: done in {parts[name]['seconds']:.0f} s", flush=True)
+    failed = [f for n, _, _ in plan for f in parts[n].get("failed", [])]
     bench = merge_benchmarks([parts[n] for n, _, _ in plan])
     bench["config"] = {"model": "mlp (defaults)", "optimizer": "adam", "lr": 1e-3, "batch_size": 64,
                        "epochs": {n: ep for n, ep, _ in plan}, "dataset_options": {n: o for n, _, o in plan}}
@@ -200,6 +207,10 @@ def main() -> int:
 
     budget = "; ".join(f"{n} {ep} epochs" + (f" ({', '.join(f'{k}={v}' for k, v in o.items())})" if o else "")
                        for n, ep, o in plan)
+    failed_md = [] if not failed else [
+        "## Failed runs", "", f"{len(failed)} runs failed (each with its error; the tables leave them out):", "",
+        *[f"- {f.get('dataset')} {f.get('label') or f.get('method')} seed {f.get('seed')}: "
+          f"{(f.get('error') or '?').splitlines()[0]}" for f in failed], ""]
     md = [
         "# Results: CGGM and peers on real offline datasets",
         "",
@@ -230,6 +241,7 @@ def main() -> int:
         "",
         findings(bench),
         "",
+        *failed_md,
         "## Per-dataset tables",
         "",
         ("Columns as in `cggm bench --report` (see `src/cggm/report.py`). `time/epoch vs joint` is the engine's "
