@@ -37,7 +37,6 @@ the metric itself.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,36 +44,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..metrics.shapley import MAX_MODALITIES, shapley_values  # re-exported: the arithmetic lives below methods
 from ..types import ModelOutput, Task
 
-#: the most modalities valued exactly (2^M evaluations of the split)
-MAX_MODALITIES = 10
 #: the masking options of :func:`shapley_contributions`, the default first
 MASKINGS = ("mean", "features", "zero")
 
 Coalition = frozenset
-
-
-def shapley_values(values: Mapping[frozenset, float], players: Sequence[str]) -> dict[str, float]:
-    """The exact Shapley value of each player of the game ``values`` (a value for every subset of
-    ``players``, as frozensets), by the subset formula in the module docstring."""
-    players = list(players)
-    n = len(players)
-    missing = [set(s) for k in range(n + 1) for s in itertools.combinations(players, k) if frozenset(s) not in values]
-    if missing:
-        raise ValueError(f"shapley_values needs a value for every coalition; missing {missing[:4]}"
-                         f"{' ...' if len(missing) > 4 else ''}.")
-    phi = {}
-    for m in players:
-        others = [p for p in players if p != m]
-        total = 0.0
-        for k in range(n):
-            weight = math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n)
-            for s in itertools.combinations(others, k):
-                coalition = frozenset(s)
-                total += weight * (values[coalition | {m}] - values[coalition])
-        phi[m] = total
-    return phi
 
 
 @dataclass

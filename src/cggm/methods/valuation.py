@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..diagnostics.shapley import MAX_MODALITIES, shapley_values
+from ..metrics.shapley import MAX_MODALITIES, shapley_values
 from ..types import ModelOutput
 from ._common import predict_only
 from .base import EpochContext, Method, Support, UnsupportedSettingError
