@@ -124,12 +124,13 @@ def snapshot(methods: list[str] | None) -> dict:
 
 
 def compare(before: dict, after: dict) -> int:
-    bad = 0
+    bad = new = 0
     for key in sorted(set(before) | set(after)):
         a, b = before.get(key), after.get(key)
         if a is None or b is None:
             print(f"{key}: {'new' if a is None else 'missing now'}")
             bad += a is not None
+            new += a is None
             continue
         diffs = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         if not diffs:
@@ -144,7 +145,7 @@ def compare(before: dict, after: dict) -> int:
             else:
                 detail.append(k)
         print(f"{key}: DIFFERS in {'; '.join(detail)}")
-    print(f"{len(set(before) | set(after)) - bad} same, {bad} differ")
+    print(f"{len(set(before) | set(after)) - bad - new} same, {bad} differ, {new} new")
     return 1 if bad else 0
 
 
