@@ -164,21 +164,40 @@ def shapley_contributions(model: nn.Module, method, data, task: Task | None = No
 
     2^M evaluations of the split; more than :data:`MAX_MODALITIES` modalities are refused.
     """
-    from ..data.stream import input_means
-    from ..training.evaluation import evaluate, replace_inputs
-
     if masking not in MASKINGS:
         raise ValueError(f"masking must be one of {MASKINGS}, got {masking!r}.")
+    dataset, reference, task, split = _split_of(data, split, task)
+    modalities = tuple(getattr(model, "modalities", None) or dataset.modalities)
+    _check_model(model, modalities, masking)
+    metric = metric or task.headline.name
+    if device is None:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+    method = method if method is not None else _PlainEval()
+    fill = _fill(reference, modalities, masking, fill, batch_size)
+    values = _coalition_values(model, method, dataset, task, device, batch_size,
+                               modalities=modalities, masking=masking, fill=fill, metric=metric)
+    higher = task.higher_is_better(metric)
+    sign = 1.0 if higher else -1.0
+    phi = shapley_values({s: sign * v for s, v in values.items()}, modalities)
+    return ShapleyResult(modalities, metric, higher, masking, split, values, phi)
+
+
+def _split_of(data, split: str, task: Task | None):
+    """``(dataset, reference, task, split)``: the split valued, the one whose mean masks, the task
+    and the split's name (``"given"`` for one split passed as it is, unless named)."""
     if hasattr(data, "train") and hasattr(data, "task"):  # DataSplits
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}.")
-        dataset, reference, task = getattr(data, split), data.train, task or data.task
-    else:
-        if task is None:
-            raise ValueError("shapley_contributions on one split needs task= (a DataSplits carries its own).")
-        dataset, reference = data, data
-        split = split if split != "val" else "given"
-    modalities = tuple(getattr(model, "modalities", None) or dataset.modalities)
+        return getattr(data, split), data.train, task or data.task, split
+    if task is None:
+        raise ValueError("shapley_contributions on one split needs task= (a DataSplits carries its own).")
+    return data, data, task, split if split != "val" else "given"
+
+
+def _check_model(model: nn.Module, modalities: tuple[str, ...], masking: str) -> None:
+    """Refuses more than :data:`MAX_MODALITIES` modalities, and feature masking of a model without
+    ``encode`` and ``predict``."""
     if len(modalities) > MAX_MODALITIES:
         raise ValueError(f"shapley_contributions is exact: 2^M evaluations of the split, {2 ** len(modalities)} for "
                          f"M = {len(modalities)} modalities. It values at most {MAX_MODALITIES} modalities; value "
@@ -187,11 +206,13 @@ def shapley_contributions(model: nn.Module, method, data, task: Task | None = No
         raise TypeError(f"masking='features' recomputes the prediction from zeroed features: it needs model.encode("
                         f"inputs, masks) and model.predict(features, masks), which {type(model).__name__} lacks. "
                         f"Use masking='mean' (inputs replaced), which needs only the forward pass.")
-    metric = metric or task.headline.name
-    if device is None:
-        param = next(iter(model.parameters()), None)
-        device = param.device if param is not None else torch.device("cpu")
-    method = method if method is not None else _PlainEval()
+
+
+def _fill(reference, modalities: tuple[str, ...], masking: str, fill: Mapping[str, torch.Tensor] | None,
+          batch_size: int) -> Mapping[str, torch.Tensor] | None:
+    """Per modality, the input that replaces it when absent (``None`` under feature masking)."""
+    from ..data.stream import input_means
+
     if fill is not None and masking != "mean":
         raise ValueError(f"fill= gives the replacement inputs of masking='mean'; masking={masking!r} takes none.")
     if masking == "mean" and fill is None:
@@ -202,6 +223,14 @@ def shapley_contributions(model: nn.Module, method, data, task: Task | None = No
         unknown = sorted(set(modalities) - set(fill))
         if unknown:
             raise ValueError(f"fill has no replacement input for {unknown}.")
+    return fill
+
+
+def _coalition_values(model: nn.Module, method, dataset, task: Task, device, batch_size: int, *,
+                      modalities: tuple[str, ...], masking: str, fill, metric: str) -> dict[frozenset, float]:
+    """``v(S)`` for every coalition ``S``, smallest first: the metric of one evaluation of the split
+    with the modalities outside ``S`` masked."""
+    from ..training.evaluation import evaluate, replace_inputs
 
     values: dict[frozenset, float] = {}
     for k in range(len(modalities) + 1):
@@ -217,7 +246,4 @@ def shapley_contributions(model: nn.Module, method, data, task: Task | None = No
             if metric not in metrics:
                 raise KeyError(f"the evaluation has no metric {metric!r}; it has {sorted(metrics)}.")
             values[keep] = float(metrics[metric])
-    higher = task.higher_is_better(metric)
-    sign = 1.0 if higher else -1.0
-    phi = shapley_values({s: sign * v for s, v in values.items()}, modalities)
-    return ShapleyResult(modalities, metric, higher, masking, split, values, phi)
+    return values
