@@ -180,25 +180,10 @@ def run_benchmark(cfg: dict[str, Any], datasets: Sequence[str], methods: Sequenc
         log(f"options of {line}")
     out = {"config": cfg, "seeds": [int(s) for s in seeds], "methods": list(methods), "method_options": per_method,
            "datasets": []}
-    previous = None
-    if out_dir is not None:
-        previous = previous_benchmark(Path(out_dir) / "bench.json",
-                                      {k: out[k] for k in ("config", "seeds", "methods", "method_options")})
-    kept = {(e["name"], json.dumps(e["options"], sort_keys=True, default=float), r["label"], r["seed"]): r
-            for e in (previous or {}).get("datasets", []) for r in e["runs"]}
+    kept = _kept_runs(out, out_dir)
     failed: list[dict[str, Any]] = []
     for ds in datasets:
-        opts = dict((dataset_options or {}).get(ds, {}))
-        if not opts and cfg.get("dataset", {}).get("name") == ds:
-            opts = dict(cfg["dataset"].get("options") or {})
-        data = load_dataset(ds, **opts)
-        log(f"[{ds}] {data.description}")
-        entry = {"name": ds, "options": opts, "description": data.description, "modalities": list(data.modalities),
-                 "sizes": {k: len(getattr(data, k)) for k in ("train", "val", "test")}, "runs": [], "skipped": {}}
-        if hasattr(data, "bayes_optimal"):  # data that knows its ceiling (synthetic): exact, on the test split
-            entry["bayes"] = data.bayes_optimal("test")
-            log("  Bayes-optimal test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in entry["bayes"].items()))
-        entry["failed"] = []
+        data, opts, entry = _dataset_entry(cfg, ds, dataset_options, log)
         t_ds = time.perf_counter()
 
         def written(entry=entry, t_ds=t_ds) -> None:  # the report so far, this dataset's runs included
@@ -216,31 +201,9 @@ def run_benchmark(cfg: dict[str, Any], datasets: Sequence[str], methods: Sequenc
                     log(f"  {label:<22} seed {seed}: kept from {Path(out_dir) / 'bench.json'} (finished earlier; "
                         f"a new report directory runs it again)")
                     continue
-                keep = records_dir is not None and seed == seeds[0]
-                try:
-                    run = run_one(cfg, data, label, name, options, seed, keep_records=keep)
-                except UnsupportedSettingError as err:  # a refused setting: skipped, not failed
-                    entry["skipped"][label] = f"{type(err).__name__}: {err}"
-                    log(f"  {label:<22} skipped: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
-                    break
-                except Exception as err:  # recorded, named, and raised at the end: the other runs go on
-                    entry["failed"].append(run_failure(err, dataset=ds, label=label, method=name, seed=int(seed)))
-                    failed.append(entry["failed"][-1])
-                    log(f"  {label:<22} seed {seed}: FAILED: {entry['failed'][-1]['error'].splitlines()[0][:160]}")
-                    written()
-                    continue
-                if keep:
-                    path = Path(records_dir) / ds / f"{label}.json"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(json.dumps({"label": label, "dataset": ds, "seed": seed,
-                                                "records": run.pop("records_full"),
-                                                "history": run.pop("history")}, default=float))
-                entry["runs"].append(run)
-                log(f"  {label:<22} seed {seed}: {run['metric']} {run['test']:.4f}  probe "
-                    + " ".join(f"{m}={v:.3f}" for m, v in run["probe"].items())
-                    + "  drop " + " ".join(f"{m}={v:+.3f}" for m, v in run["drop"].items())
-                    + f"  {run['seconds_per_epoch']:.2f}s/ep")
-                written()
+                records = records_dir if seed == seeds[0] else None
+                if not _bench_run(cfg, data, entry, (label, name, options, seed), records, failed, log, written):
+                    break  # refused: the method's other seeds would be refused alike
         entry["seconds"] = time.perf_counter() - t_ds
         entry["summary"] = summarize_dataset(entry)
         out["datasets"].append(entry)
@@ -250,6 +213,71 @@ def run_benchmark(cfg: dict[str, Any], datasets: Sequence[str], methods: Sequenc
     if failed:
         raise BenchmarkError(failed, out, out_dir)
     return out
+
+
+def _kept_runs(out: dict[str, Any], out_dir: str | Path | None) -> dict[tuple, dict[str, Any]]:
+    """The runs an earlier benchmark of the same settings finished in ``out_dir`` (none without it),
+    by (dataset, its options as JSON, label, seed)."""
+    previous = None
+    if out_dir is not None:
+        previous = previous_benchmark(Path(out_dir) / "bench.json",
+                                      {k: out[k] for k in ("config", "seeds", "methods", "method_options")})
+    return {(e["name"], json.dumps(e["options"], sort_keys=True, default=float), r["label"], r["seed"]): r
+            for e in (previous or {}).get("datasets", []) for r in e["runs"]}
+
+
+def _dataset_entry(cfg: dict[str, Any], ds: str, dataset_options: dict[str, dict] | None,
+                   log: Callable[[str], None]) -> tuple[DataSplits, dict, dict[str, Any]]:
+    """``(data, options, entry)``: the dataset ``ds`` loaded (with its options, those of ``cfg``
+    when it is ``cfg``'s dataset and none are given) and its report entry, no run yet."""
+    opts = dict((dataset_options or {}).get(ds, {}))
+    if not opts and cfg.get("dataset", {}).get("name") == ds:
+        opts = dict(cfg["dataset"].get("options") or {})
+    data = load_dataset(ds, **opts)
+    log(f"[{ds}] {data.description}")
+    entry = {"name": ds, "options": opts, "description": data.description, "modalities": list(data.modalities),
+             "sizes": {k: len(getattr(data, k)) for k in ("train", "val", "test")}, "runs": [], "skipped": {}}
+    if hasattr(data, "bayes_optimal"):  # data that knows its ceiling (synthetic): exact, on the test split
+        entry["bayes"] = data.bayes_optimal("test")
+        log("  Bayes-optimal test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in entry["bayes"].items()))
+    entry["failed"] = []
+    return data, opts, entry
+
+
+def _bench_run(cfg, data: DataSplits, entry: dict[str, Any], run_id: tuple[str, str, dict, int],
+               records_dir: str | Path | None, failed: list[dict[str, Any]], log: Callable[[str], None],
+               written: Callable[[], None]) -> bool:
+    """One run of the benchmark, ``run_id = (label, method, options, seed)``, into ``entry``: its
+    per-step records into ``records_dir`` when given; a failure recorded (also in ``failed``) and
+    logged. False when the method refused the setting (recorded as skipped)."""
+    label, name, options, seed = run_id
+    ds = entry["name"]
+    keep = records_dir is not None
+    try:
+        run = run_one(cfg, data, label, name, options, seed, keep_records=keep)
+    except UnsupportedSettingError as err:  # a refused setting: skipped, not failed
+        entry["skipped"][label] = f"{type(err).__name__}: {err}"
+        log(f"  {label:<22} skipped: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+        return False
+    except Exception as err:  # recorded, named, and raised at the end: the other runs go on
+        entry["failed"].append(run_failure(err, dataset=ds, label=label, method=name, seed=int(seed)))
+        failed.append(entry["failed"][-1])
+        log(f"  {label:<22} seed {seed}: FAILED: {entry['failed'][-1]['error'].splitlines()[0][:160]}")
+        written()
+        return True
+    if keep:
+        path = Path(records_dir) / ds / f"{label}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"label": label, "dataset": ds, "seed": seed,
+                                    "records": run.pop("records_full"),
+                                    "history": run.pop("history")}, default=float))
+    entry["runs"].append(run)
+    log(f"  {label:<22} seed {seed}: {run['metric']} {run['test']:.4f}  probe "
+        + " ".join(f"{m}={v:.3f}" for m, v in run["probe"].items())
+        + "  drop " + " ".join(f"{m}={v:+.3f}" for m, v in run["drop"].items())
+        + f"  {run['seconds_per_epoch']:.2f}s/ep")
+    written()
+    return True
 
 
 def _nan(v) -> float:
