@@ -104,73 +104,26 @@ def load_iemocap(path: str, fold: int = 1, audio: str = "comparE", vision: str =
                  text: str = "bert_large", norm: str = "trn", max_len: dict | None = None) -> DataSplits:
     """IEMOCAP, 4 classes, one cross-validation fold of the MMIN features (see the module docstring)."""
     h5py = require("h5py", "paper", "The IEMOCAP loader")
-    if int(fold) != fold or not 1 <= int(fold) <= 10:
-        raise ValueError(f"IEMOCAP fold must be 1..10, got {fold!r}.")
-    if norm not in ("trn", "utt", "none"):
-        raise ValueError(f"norm must be 'trn', 'utt' or 'none', got {norm!r}.")
-    caps = dict(DEFAULT_MAX_LEN, **(max_len or {}))
-    for m, v in caps.items():
-        if m not in MODALITIES or int(v) < 1:
-            raise ValueError(f"max_len: expected positive lengths for {MODALITIES}, got {m}={v!r}.")
+    caps = _check_options(fold, norm, max_len)
     fold = int(fold)
     root = existing_dir(path, "IEMOCAP feature root")
     feature_names = {"audio": audio, "vision": vision, "text": text}
     files = {m: existing_file(root / FOLDER[m] / f"{feature_names[m]}.h5", f"IEMOCAP {m} features") for m in MODALITIES}
     target = existing_dir(root / "target" / str(fold), f"IEMOCAP labels of fold {fold}")
-    ids, labels = {}, {}
-    for ours, theirs in SPLITS.items():
-        ids[ours] = _names(existing_file(target / f"{theirs}_int2name.npy", f"utterance ids of {theirs}"))
-        label_file = existing_file(target / f"{theirs}_label.npy", f"labels of {theirs}")
-        labels[ours] = _labels(label_file)
-        if len(labels[ours]) != len(ids[ours]):
-            raise DataError(f"{label_file}: {len(labels[ours])} labels but {theirs}_int2name.npy lists "
-                            f"{len(ids[ours])} utterances.")
+    ids, labels = _fold_labels(target)
 
     seqs: dict[str, dict[str, list[np.ndarray]]] = {s: {} for s in SPLITS}
     dims, shortened = {}, {m: 0 for m in MODALITIES}
     for m in MODALITIES:
-        try:
-            h5 = h5py.File(files[m], "r")
-        except OSError as err:
-            raise DataError(f"{files[m]}: cannot open as HDF5: {err}") from err
-        with h5:
-            for split, theirs in SPLITS.items():
-                out = []
-                for name in ids[split]:
-                    if name not in h5:
-                        raise DataError(f"{files[m]}: no features for utterance {name!r} (listed in fold {fold}, "
-                                        f"{theirs}).")
-                    x = np.asarray(h5[name][()], dtype=np.float32)
-                    where = f"{files[m]}: utterance {name!r}"
-                    if x.ndim == 1:
-                        x = x[None, :]
-                    if x.ndim != 2:
-                        raise DataError(f"{where} has shape {x.shape}; expected (frames, features).")
-                    dims.setdefault(m, x.shape[1])
-                    if x.shape[1] != dims[m]:
-                        raise DataError(f"{where} has {x.shape[1]} features, other utterances have {dims[m]}.")
-                    check_finite(x, where)
-                    if len(x) > caps[m]:
-                        x = _shorten(x, int(caps[m]))
-                        shortened[m] += 1
-                    if len(x) == 0:
-                        x = np.zeros((1, dims[m]), dtype=np.float32)
-                    out.append(x)
-                seqs[split][m] = out
+        per_split, shortened[m] = _read_modality(h5py, files[m], m, ids, caps[m], fold, dims)
+        for split in SPLITS:
+            seqs[split][m] = per_split[split]
         expected = KNOWN_DIMS.get(feature_names[m])
         if expected is not None and dims[m] != expected:
             raise DataError(f"{files[m]}: {feature_names[m]} features should have {expected} values per frame, "
                             f"got {dims[m]}.")
 
-    mean_std_info = "none"
-    if norm == "trn":
-        mean, std, mean_std_info = _train_stats(h5py, root, fold, audio, seqs["train"]["audio"])
-        for split in SPLITS:
-            seqs[split]["audio"] = [(x - mean) / std for x in seqs[split]["audio"]]
-    elif norm == "utt":
-        for split in SPLITS:
-            seqs[split]["audio"] = [_utt_norm(x) for x in seqs[split]["audio"]]
-
+    mean_std_info = _normalise_audio(h5py, root, fold, audio, norm, seqs)
     lengths = {m: max(len(x) for s in SPLITS for x in seqs[s][m]) for m in MODALITIES}
     splits = {}
     for split, theirs in SPLITS.items():
@@ -187,6 +140,92 @@ def load_iemocap(path: str, fold: int = 1, audio: str = "comparE", vision: str =
               "max_len": caps, "shortened": shortened, "audio_norm": norm, "audio_stats": mean_std_info,
               "sizes": {k: len(v) for k, v in splits.items()}},
         **splits)
+
+
+def _check_options(fold, norm: str, max_len: dict | None) -> dict:
+    """Refuses a fold outside 1..10, an unknown ``norm`` and a bad ``max_len``; the length caps,
+    the defaults updated by ``max_len``."""
+    if int(fold) != fold or not 1 <= int(fold) <= 10:
+        raise ValueError(f"IEMOCAP fold must be 1..10, got {fold!r}.")
+    if norm not in ("trn", "utt", "none"):
+        raise ValueError(f"norm must be 'trn', 'utt' or 'none', got {norm!r}.")
+    caps = dict(DEFAULT_MAX_LEN, **(max_len or {}))
+    for m, v in caps.items():
+        if m not in MODALITIES or int(v) < 1:
+            raise ValueError(f"max_len: expected positive lengths for {MODALITIES}, got {m}={v!r}.")
+    return caps
+
+
+def _fold_labels(target: Path) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
+    """Per split, the fold's utterance ids and their class ids (as many of each)."""
+    ids, labels = {}, {}
+    for ours, theirs in SPLITS.items():
+        ids[ours] = _names(existing_file(target / f"{theirs}_int2name.npy", f"utterance ids of {theirs}"))
+        label_file = existing_file(target / f"{theirs}_label.npy", f"labels of {theirs}")
+        labels[ours] = _labels(label_file)
+        if len(labels[ours]) != len(ids[ours]):
+            raise DataError(f"{label_file}: {len(labels[ours])} labels but {theirs}_int2name.npy lists "
+                            f"{len(ids[ours])} utterances.")
+    return ids, labels
+
+
+def _read_modality(h5py, file: Path, m: str, ids: dict[str, list[str]], cap, fold: int,
+                   dims: dict[str, int]) -> tuple[dict[str, list[np.ndarray]], int]:
+    """Modality ``m``'s sequences of every split, in ``ids``' order, from its HDF5 file, and how many
+    were shortened to ``cap`` frames; its feature size goes into ``dims`` (from the first utterance)."""
+    try:
+        h5 = h5py.File(file, "r")
+    except OSError as err:
+        raise DataError(f"{file}: cannot open as HDF5: {err}") from err
+    seqs, shortened = {}, 0
+    with h5:
+        for split, theirs in SPLITS.items():
+            out = []
+            for name in ids[split]:
+                if name not in h5:
+                    raise DataError(f"{file}: no features for utterance {name!r} (listed in fold {fold}, "
+                                    f"{theirs}).")
+                x, cut = _utterance(h5[name][()], f"{file}: utterance {name!r}", m, cap, dims)
+                shortened += cut
+                out.append(x)
+            seqs[split] = out
+    return seqs, shortened
+
+
+def _utterance(raw, where: str, m: str, cap, dims: dict[str, int]) -> tuple[np.ndarray, int]:
+    """One utterance's frames ``(T, dim)`` checked (2-d, ``dims[m]`` features, finite), shortened to
+    ``cap`` frames (then 1 is returned with it, else 0); an empty one becomes one zero frame."""
+    x = np.asarray(raw, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise DataError(f"{where} has shape {x.shape}; expected (frames, features).")
+    dims.setdefault(m, x.shape[1])
+    if x.shape[1] != dims[m]:
+        raise DataError(f"{where} has {x.shape[1]} features, other utterances have {dims[m]}.")
+    check_finite(x, where)
+    cut = 0
+    if len(x) > cap:
+        x = _shorten(x, int(cap))
+        cut = 1
+    if len(x) == 0:
+        x = np.zeros((1, dims[m]), dtype=np.float32)
+    return x, cut
+
+
+def _normalise_audio(h5py, root: Path, fold: int, audio: str, norm: str,
+                     seqs: dict[str, dict[str, list[np.ndarray]]]) -> str:
+    """Normalises the audio of every split in place (module docstring); what the statistics were
+    (``"none"`` unless ``norm="trn"``)."""
+    mean_std_info = "none"
+    if norm == "trn":
+        mean, std, mean_std_info = _train_stats(h5py, root, fold, audio, seqs["train"]["audio"])
+        for split in SPLITS:
+            seqs[split]["audio"] = [(x - mean) / std for x in seqs[split]["audio"]]
+    elif norm == "utt":
+        for split in SPLITS:
+            seqs[split]["audio"] = [_utt_norm(x) for x in seqs[split]["audio"]]
+    return mean_std_info
 
 
 def _utt_norm(x: np.ndarray) -> np.ndarray:
