@@ -51,7 +51,9 @@ from __future__ import annotations
 import csv
 import errno
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -227,23 +229,8 @@ def extract_features(path: str | Path, vit: str | Path, bert: str | Path, out_di
     image_mod = require("PIL.Image", "features", "Food-101 feature extraction")
     root = existing_dir(path, "UPMC-Food-101 folder")
     vit_dir, bert_dir = existing_dir(vit, "local ViT model folder"), existing_dir(bert, "local BERT model folder")
-    rows = {split: read_rows(_csv_file(root, split)) for split in ("train", "test")}
-    classes = sorted({label for _, _, label in rows["train"]})
-    unknown = sorted({label for _, _, label in rows["test"]} - set(classes))
-    if unknown:
-        raise DataError(f"{_csv_file(root, 'test')}: classes {unknown[:5]} do not occur in the training list.")
-    files = {split: [_image_file(root, split, i, lab) for i, _, lab in rows[split]] for split in rows}
-
-    try:
-        vit_model = transformers.AutoModel.from_pretrained(str(vit_dir), local_files_only=True)
-        bert_model = transformers.AutoModel.from_pretrained(str(bert_dir), local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(bert_dir), local_files_only=True)
-    except OSError as err:
-        raise DataError(f"cannot load the local ViT/BERT from {vit_dir} / {bert_dir}: {err}") from err
-    vit_model.to(device).eval().requires_grad_(False)
-    bert_model.to(device).eval().requires_grad_(False)
-    size = int(getattr(vit_model.config, "image_size", 224))
-    mean, std = _vit_stats(vit_dir)
+    rows, classes, files = _raw_lists(root)
+    encoders = _Encoders.load(transformers, image_mod, vit_dir, bert_dir, image_grid, text_len, device)
     store = np.float16 if dtype == "float16" else np.float32
 
     out = Path(out_dir)
@@ -253,40 +240,15 @@ def extract_features(path: str | Path, vit: str | Path, bert: str | Path, out_di
     def extract(tmp: Path) -> None:
         arrays: dict[Path, np.memmap] = {}
         for split in ("train", "test"):
-            n = len(rows[split])
             labels = np.asarray([index[lab] for _, _, lab in rows[split]], dtype=np.int64)
             np.save(tmp / f"{split}_labels.npy", labels)
-            for start in range(0, n, batch_size):
-                chunk = range(start, min(n, start + batch_size))
-                pixels = torch.stack([_load_image(image_mod, files[split][i], size, mean, std) for i in chunk])
-                with torch.no_grad():
-                    img = _image_tokens(vit_model(pixel_values=pixels.to(device)).last_hidden_state, image_grid)
-                    enc = tokenizer([rows[split][i][1] for i in chunk], max_length=text_len, truncation=True,
-                                    padding="max_length", return_tensors="pt")
-                    enc = {k: v.to(device) for k, v in enc.items()}
-                    txt = bert_model(**enc).last_hidden_state
-                if not arrays:  # the first batch gives every array's shape: reserve the whole cache's space
-                    plan = {}
-                    for sp in ("train", "test"):
-                        m = len(rows[sp])
-                        plan[tmp / f"{sp}_image.npy"] = (store, (m, *img.shape[1:]))
-                        plan[tmp / f"{sp}_text.npy"] = (store, (m, *txt.shape[1:]))
-                        plan[tmp / f"{sp}_text_mask.npy"] = (np.dtype(bool), (m, txt.shape[1]))
-                    need[0] = sum(int(np.dtype(d).itemsize * np.prod(sh, dtype=np.int64)) for d, sh in plan.values())
-                    arrays = reserve_arrays(out, plan)
-                img_arr, txt_arr = arrays[tmp / f"{split}_image.npy"], arrays[tmp / f"{split}_text.npy"]
-                mask_arr = arrays[tmp / f"{split}_text_mask.npy"]
-                img_arr[chunk.start:chunk.stop] = img.float().cpu().numpy().astype(store)
-                txt_arr[chunk.start:chunk.stop] = txt.float().cpu().numpy().astype(store)
-                mask_arr[chunk.start:chunk.stop] = enc["attention_mask"].bool().cpu().numpy()
-                if log is not None and (start // batch_size) % 50 == 0:
-                    log(f"food101: encoded {chunk.stop}/{n} {split} samples")
+            _encode_split(encoders, split, rows, files, batch_size, store, out, tmp, arrays, need, log)
             for name in ("image", "text", "text_mask"):
                 arrays.pop(tmp / f"{split}_{name}.npy").flush()
         meta = {"format": FORMAT, "classes": classes,
                 "settings": {"vit": str(vit_dir), "bert": str(bert_dir), "image_grid": image_grid,
-                             "text_len": text_len, "image_size": size, "mean": mean.tolist(), "std": std.tolist(),
-                             "dtype": dtype}}
+                             "text_len": text_len, "image_size": encoders.size, "mean": encoders.mean.tolist(),
+                             "std": encoders.std.tolist(), "dtype": dtype}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
     try:
@@ -296,6 +258,86 @@ def extract_features(path: str | Path, vit: str | Path, bert: str | Path, out_di
             raise no_space_error(out, need[0], err) from err  # a small file's write ran out of space
         raise
     return out
+
+
+def _raw_lists(root: Path) -> tuple[dict[str, list[tuple[str, str, str]]], list[str], dict[str, list[Path]]]:
+    """``(rows, classes, files)``: the train and test rows (image id, text, class name), the sorted
+    training classes (a test class outside them is refused) and each row's image file."""
+    rows = {split: read_rows(_csv_file(root, split)) for split in ("train", "test")}
+    classes = sorted({label for _, _, label in rows["train"]})
+    unknown = sorted({label for _, _, label in rows["test"]} - set(classes))
+    if unknown:
+        raise DataError(f"{_csv_file(root, 'test')}: classes {unknown[:5]} do not occur in the training list.")
+    files = {split: [_image_file(root, split, i, lab) for i, _, lab in rows[split]] for split in rows}
+    return rows, classes, files
+
+
+@dataclass
+class _Encoders:
+    """The frozen local ViT and BERT (with BERT's tokenizer) and the image preprocessing."""
+
+    vit: Any
+    bert: Any
+    tokenizer: Any
+    image_mod: Any
+    size: int
+    mean: np.ndarray
+    std: np.ndarray
+    image_grid: int | None
+    text_len: int
+    device: str
+
+    @classmethod
+    def load(cls, transformers, image_mod, vit_dir: Path, bert_dir: Path, image_grid: int | None, text_len: int,
+             device: str) -> _Encoders:
+        try:
+            vit_model = transformers.AutoModel.from_pretrained(str(vit_dir), local_files_only=True)
+            bert_model = transformers.AutoModel.from_pretrained(str(bert_dir), local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(bert_dir), local_files_only=True)
+        except OSError as err:
+            raise DataError(f"cannot load the local ViT/BERT from {vit_dir} / {bert_dir}: {err}") from err
+        vit_model.to(device).eval().requires_grad_(False)
+        bert_model.to(device).eval().requires_grad_(False)
+        size = int(getattr(vit_model.config, "image_size", 224))
+        mean, std = _vit_stats(vit_dir)
+        return cls(vit_model, bert_model, tokenizer, image_mod, size, mean, std, image_grid, text_len, device)
+
+    def encode(self, files: list[Path], texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """A batch's image tokens, text tokens and text attention mask."""
+        pixels = torch.stack([_load_image(self.image_mod, f, self.size, self.mean, self.std) for f in files])
+        with torch.no_grad():
+            img = _image_tokens(self.vit(pixel_values=pixels.to(self.device)).last_hidden_state, self.image_grid)
+            enc = self.tokenizer(texts, max_length=self.text_len, truncation=True,
+                                 padding="max_length", return_tensors="pt")
+            enc = {k: v.to(self.device) for k, v in enc.items()}
+            txt = self.bert(**enc).last_hidden_state
+        return img, txt, enc["attention_mask"]
+
+
+def _encode_split(encoders: _Encoders, split: str, rows, files, batch_size: int, store, out: Path, tmp: Path,
+                  arrays: dict[Path, np.memmap], need: list[int], log) -> None:
+    """Encodes one split batch by batch into ``arrays`` (the cache's arrays in ``tmp``, reserved at
+    the first batch of all, with the bytes they need in ``need[0]``)."""
+    n = len(rows[split])
+    for start in range(0, n, batch_size):
+        chunk = range(start, min(n, start + batch_size))
+        img, txt, attention = encoders.encode([files[split][i] for i in chunk], [rows[split][i][1] for i in chunk])
+        if not arrays:  # the first batch gives every array's shape: reserve the whole cache's space
+            plan = {}
+            for sp in ("train", "test"):
+                m = len(rows[sp])
+                plan[tmp / f"{sp}_image.npy"] = (store, (m, *img.shape[1:]))
+                plan[tmp / f"{sp}_text.npy"] = (store, (m, *txt.shape[1:]))
+                plan[tmp / f"{sp}_text_mask.npy"] = (np.dtype(bool), (m, txt.shape[1]))
+            need[0] = sum(int(np.dtype(d).itemsize * np.prod(sh, dtype=np.int64)) for d, sh in plan.values())
+            arrays.update(reserve_arrays(out, plan))
+        img_arr, txt_arr = arrays[tmp / f"{split}_image.npy"], arrays[tmp / f"{split}_text.npy"]
+        mask_arr = arrays[tmp / f"{split}_text_mask.npy"]
+        img_arr[chunk.start:chunk.stop] = img.float().cpu().numpy().astype(store)
+        txt_arr[chunk.start:chunk.stop] = txt.float().cpu().numpy().astype(store)
+        mask_arr[chunk.start:chunk.stop] = attention.bool().cpu().numpy()
+        if log is not None and (start // batch_size) % 50 == 0:
+            log(f"food101: encoded {chunk.stop}/{n} {split} samples")
 
 
 def _sources(root: Path, vit: str, bert: str) -> list[Path]:
