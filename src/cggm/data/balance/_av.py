@@ -661,6 +661,32 @@ def load_av(name: str, root: Path, sources: Mapping[str, SplitSource], *, classe
     if "val" not in sources and not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
     frames, image_size = int(frames), int(image_size)
+    rows, class_names, dropped = _labelled_rows(name, root, sources, classes, num_classes)
+    clips, missing = {}, {}
+    for s, src in sources.items():
+        clips[s], missing[s] = resolve(rows[s], src.audio_dirs, src.visual_dirs, str(src.list_file), strict)
+        if not clips[s]:
+            raise DataError(
+                f"{root}: none of the {len(rows[s])} clips of {src.list_file} has both its audio and its frames. "
+                f"Looked for audio in {[str(d) for d in src.audio_dirs]} ({'/'.join(AUDIO_EXTS)}) and frame folders in "
+                f"{[str(d) for d in src.visual_dirs]}.")
+    folder = _decoded(name, root, sources, clips, class_names, spec=spec, frames=frames, image_size=image_size,
+                      dtype=dtype, cache_dir=cache_dir, log=log)
+    train, val, test = _av_splits(folder, root, sources, val_fraction, seed, augment)
+    sizes = {"train": len(train), "val": len(val), "test": len(test)}
+    return DataSplits(
+        name=name, task=Task("classification", len(class_names)), train=train, val=val, test=test,
+        description=f"{description} from {root}",
+        info={"classes": class_names, "sizes": sizes, "missing": missing, "duplicates_dropped": dropped,
+              "cache": str(folder), "val_from": "list" if "val" in sources else f"train, {val_fraction} stratified, "
+              f"seed {seed}", "audio_shape": list(train.input_shapes["audio"]), "frames": frames,
+              "image_size": image_size, "spec": asdict(spec)})
+
+
+def _labelled_rows(name: str, root: Path, sources: Mapping[str, SplitSource], classes: Sequence[str] | None,
+                   num_classes: int | None) -> tuple[dict[str, list[tuple[str, int]]], list[str], dict[str, int]]:
+    """``(rows, class names, dropped)``: each split's (clip, class id) rows, duplicates dropped
+    (how many per split), the splits refused unless disjoint."""
     raw = {s: read_list(src.list_file, src.order) for s, src in sources.items()}
     rows, class_names = labels_to_ids(raw, classes, num_classes, f"{root} ({name} lists)")
     dropped = {}
@@ -672,14 +698,14 @@ def load_av(name: str, root: Path, sources: Mapping[str, SplitSource], *, classe
             if both:
                 raise DataError(f"{sources[b].list_file}: {len(both)} clips are also in the {a} list "
                                 f"{sources[a].list_file} (e.g. {both[:3]}); the splits must be disjoint.")
-    clips, missing = {}, {}
-    for s, src in sources.items():
-        clips[s], missing[s] = resolve(rows[s], src.audio_dirs, src.visual_dirs, str(src.list_file), strict)
-        if not clips[s]:
-            raise DataError(
-                f"{root}: none of the {len(rows[s])} clips of {src.list_file} has both its audio and its frames. "
-                f"Looked for audio in {[str(d) for d in src.audio_dirs]} ({'/'.join(AUDIO_EXTS)}) and frame folders in "
-                f"{[str(d) for d in src.visual_dirs]}.")
+    return rows, class_names, dropped
+
+
+def _decoded(name: str, root: Path, sources: Mapping[str, SplitSource], clips: dict, class_names: list[str], *,
+             spec: SpectrogramSpec, frames: int, image_size: int, dtype: str, cache_dir: str | None,
+             log: Callable[[str], None] | None) -> Path:
+    """The cache folder of these clips and settings, decoded into once (named by the settings and
+    the clips' signature; an older cache of the same settings is named in the log, not deleted)."""
     settings = {"dataset": name, "spec": asdict(spec), "frames": frames, "image_size": image_size, "dtype": dtype,
                 "lists": {s: [str(src.list_file.resolve()), file_digest(src.list_file)] for s, src in sources.items()},
                 "clips": {s: [len(c), str(c[0].audio.parent.resolve()), str(c[0].frames.parent.resolve())]
@@ -696,6 +722,13 @@ def load_av(name: str, root: Path, sources: Mapping[str, SplitSource], *, classe
                    f"space)" if stale else ""))
         build_cache(folder, clips, spec, frames, image_size, dtype,
                     {"dataset": name, "classes": class_names, "settings": settings, "sources": signature}, log)
+    return folder
+
+
+def _av_splits(folder: Path, root: Path, sources: Mapping[str, SplitSource], val_fraction: float, seed: int,
+               augment: bool) -> tuple[AVClips, AVClips, AVClips]:
+    """Train, validation (the ``val`` list's, else a stratified ``val_fraction`` of train drawn with
+    ``seed``) and test clips over the decoded cache; only training clips are augmented."""
     arrays = {s: open_split(folder, s) for s in sources}
     tr_labels = np.asarray(arrays["train"][2])
     if "val" in sources:
@@ -708,11 +741,4 @@ def load_av(name: str, root: Path, sources: Mapping[str, SplitSource], *, classe
         val = AVClips(arrays["train"], val_idx, False, f"{sources['train'].list_file}[val, carved from train]")
     train = AVClips(arrays["train"], train_idx, augment, f"{sources['train'].list_file}[train]")
     test = AVClips(arrays["test"], None, False, f"{sources['test'].list_file}[test]")
-    sizes = {"train": len(train), "val": len(val), "test": len(test)}
-    return DataSplits(
-        name=name, task=Task("classification", len(class_names)), train=train, val=val, test=test,
-        description=f"{description} from {root}",
-        info={"classes": class_names, "sizes": sizes, "missing": missing, "duplicates_dropped": dropped,
-              "cache": str(folder), "val_from": "list" if "val" in sources else f"train, {val_fraction} stratified, "
-              f"seed {seed}", "audio_shape": list(train.input_shapes["audio"]), "frames": frames,
-              "image_size": image_size, "spec": asdict(spec)})
+    return train, val, test
