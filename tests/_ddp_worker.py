@@ -29,8 +29,8 @@ def train_all(batch_size: int, output_root: str | None = None, names=("cggm", "j
             except UnsupportedSettingError as err:
                 out[name] = {"refused": str(err)}
                 continue
-            out[name] = {"model": dict(result.extra["final_weights"]), "steps": method.global_step,
-                         "method": {k: v.clone() for m in method.modules().values() for k, v in m.state_dict().items()}}
+            out[name] = {"model": dict(result.extra["final_weights"]), "steps": _final_steps(result),
+                         "method": _module_tensors(result.extra["final_method"])}
             continue
         cfg = TrainConfig(epochs=EPOCHS, batch_size=batch_size, progress=False, seed=0)
         # each rank gets its own output folder, so the test sees which ranks wrote files
@@ -38,11 +38,31 @@ def train_all(batch_size: int, output_root: str | None = None, names=("cggm", "j
         result = Trainer(model, method, data, cfg, output_dir=out_dir).fit()
         out[name] = {
             "model": {k: v.clone() for k, v in result.extra["final_weights"].items()},
-            "method": {k: v.clone() for m in method.modules().values() for k, v in m.state_dict().items()},
-            "steps": method.global_step,
+            "method": _module_tensors(result.extra["final_method"]),
+            "steps": _final_steps(result),
             "records": result.records,
             "history": result.history,
         }
+    return out
+
+
+def _final_steps(result) -> int:
+    """Optimizer steps at the end of training (after fit the method holds the selected epoch's state)."""
+    return int(result.extra["final_method"]["global_step"])
+
+
+def _module_tensors(state, prefix="") -> dict:
+    """The tensors of the method's state at the end of training, flattened by path (its modules' weights,
+    optimizer moments and statistics)."""
+    out = {}
+    if isinstance(state, torch.Tensor):
+        out[prefix] = state.detach().clone()
+    elif isinstance(state, dict):
+        for k, v in state.items():
+            out.update(_module_tensors(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            out.update(_module_tensors(v, f"{prefix}[{i}]"))
     return out
 
 
