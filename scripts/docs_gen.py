@@ -313,7 +313,7 @@ def write_pages() -> list[str]:
 def readme_table() -> str:
     rows = [README_BEGIN, "", "| method | what it does |", "|---|---|"]
     for n, i in registry().items():
-        rows.append(f"| [`{n}`](docs/methods/{n}.md) | {_cell(i.summary)} |")
+        rows.append(f"| [`{n}`]({REPO}/blob/main/docs/methods/{n}.md) | {_cell(i.summary)} |")
     return "\n".join(rows + ["", README_END])
 
 

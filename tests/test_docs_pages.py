@@ -68,9 +68,14 @@ _LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def _broken_links(md: Path) -> list[str]:
+    """Links that do not resolve: relative ones to a missing file, and absolute ones into this
+    repository (``{REPO}/blob/main/<path>``, the README's form: PyPI renders it alone) to a missing path."""
     out = []
     for target in _LINK.findall(md.read_text()):
-        if "github.io" in target:
+        if target.startswith(f"{gen.REPO}/blob/main/"):
+            if not (ROOT / target[len(f"{gen.REPO}/blob/main/"):].split("#")[0]).exists():
+                out.append(target)
+        elif "github.io" in target:
             out.append(f"{target} (the site is not published; link the page in the repository)")
         elif not re.match(r"[a-z]+:", target) and not target.startswith("#"):
             if not (md.parent / target.split("#")[0]).exists():
