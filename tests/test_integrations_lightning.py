@@ -51,9 +51,19 @@ def _fit(module, data, trainer, **kwargs):
 def _snapshot(module):
     """Everything that must be equal after a resume: the model, the method's own modules and state."""
     state = {f"model.{k}": v.detach().clone() for k, v in module.model.state_dict().items()}
-    for name, mod in module.method.modules().items():
-        state.update({f"method.{name}.{k}": v.detach().clone() for k, v in mod.state_dict().items()})
+    # the method's whole declared state (modules built or waiting to be, their optimizers, statistics)
+    state.update({f"method.{k}": v for k, v in _tensors(module.method.state_dict()).items()})
     return state
+
+
+def _tensors(state, prefix=""):
+    if isinstance(state, torch.Tensor):
+        return {prefix: state.detach().clone()}
+    out = {}
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for k, v in items:
+        out.update(_tensors(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
 
 
 def _assert_same(a, b, what=""):
