@@ -18,6 +18,7 @@ import torch
 
 from ..data.base import BatchIterator
 from ..metrics.functional import summarize
+from ..training.evaluation import EvalStep
 
 
 def bayes_ceiling(data, split: str = "test") -> dict[str, float] | None:
@@ -102,12 +103,12 @@ def predictions(model, method, dataset, batch_size: int = 512) -> torch.Tensor:
     was = model.training
     model.eval()
     out = []
+    step = EvalStep(model, method, method.task, device, tracker=False, method_metrics=False)
     try:
         for inputs, masks, _ in BatchIterator(dataset, batch_size, shuffle=False):
             inputs = {m: x.to(device) for m, x in inputs.items()}
             masks = {m: v.to(device) for m, v in masks.items()}
-            inputs, masks = method.prepare_eval(inputs, masks)
-            out.append(method.eval_prediction(model(inputs, masks)).float().cpu())
+            out.append(step(inputs, masks, None)[1].float().cpu())
     finally:
         model.train(was)
     return torch.cat(out)

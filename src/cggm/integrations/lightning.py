@@ -240,8 +240,8 @@ class MethodModule(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         self._apply_pending()
         inputs, masks, _ = batch
-        inputs, masks = self.method.prepare_eval(inputs, masks)
-        return self.method.eval_prediction(self.model(inputs, masks))
+        step = EvalStep(self.model, self.method, self.task, self.device, tracker=False, method_metrics=False)
+        return step(inputs, masks, None)[1]
 
     def _eval_begin(self) -> None:
         self._apply_pending()

@@ -64,16 +64,17 @@ class EvalStep:
     the diagnostics all score batches here): the method's ``prepare_eval``, the forward pass, the
     method's ``eval_prediction`` into the task's metrics (``tracker=False``: none; ``metric``: a
     split's own metric instead, fed ``(prediction, target, loss)`` like the task's) and the
-    method's own ``eval_metrics``, updated with ``(out, target)``."""
+    method's own ``eval_metrics``, updated with ``(out, target)`` (``method_metrics=False``: none; a
+    target may then be None, for predictions only)."""
 
     def __init__(self, model: nn.Module, method, task: Task, device: torch.device | str, sync: bool = False,
-                 tracker: bool = True, metric=None) -> None:
+                 tracker: bool = True, metric=None, method_metrics: bool = True) -> None:
         self.model, self.method, self.task = model, method, task
         if metric is not None:
             self.tracker = metric.reset()
         else:
             self.tracker = _tracker(task, torch.device(device), sync) if tracker else None
-        self.extra = dict(method.eval_metrics())
+        self.extra = dict(method.eval_metrics()) if method_metrics else {}
         for name, metric in self.extra.items():
             if hasattr(metric, "to"):
                 self.extra[name] = metric = metric.to(device)
