@@ -250,3 +250,20 @@ def test_a_step_lightning_skips_is_seen_by_the_method(data, tmp_path):
     trainer = _fit(module, data, _trainer(tmp_path, 2, num_sanity_val_steps=0, plugins=[SkipOddSteps()]))
     assert trainer.global_step == 8 and module.method.global_step == 4
     assert module.method.classifier_opt.state_dict()["state"][0]["step"] == 4  # classifiers stepped 4 times
+
+
+def test_predict_step_gives_the_methods_own_prediction(data, tmp_path):
+    """ume predicts with its own heads (the mean of their logits), not the model's fused head: predict_step
+    returns that, recomputed here from the heads and the features."""
+    module = MethodModule(_model(data), build_method("ume"), data.task, lr=1e-2)
+    trainer = _fit(module, data, _trainer(tmp_path, 1, num_sanity_val_steps=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = torch.cat(trainer.predict(module, dataloader(data.test, 16)))
+    model, heads = module.model.eval(), module.method.heads.modules.eval()
+    inputs, masks, _ = data.test.get_batch(torch.arange(len(data.test)))
+    with torch.no_grad():
+        out = model(inputs, masks)
+        want = sum(head(h, out.mask(i)) for i, (head, h) in enumerate(zip(heads, out.features))) / len(heads)
+        assert not torch.allclose(want, out.prediction)
+    torch.testing.assert_close(got, want)
