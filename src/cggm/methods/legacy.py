@@ -109,6 +109,7 @@ class LegacyHooks:
     def commit(self, scaler: Any = None) -> None:
         """Deprecated: see :meth:`cggm.methods.base.Method.on_step_taken`."""
 
+    # (the shim of the old hook, which old subclasses' super().discard() still calls)
     def discard(self) -> None:
         """Deprecated: the base drops a skipped step's staged values."""
 

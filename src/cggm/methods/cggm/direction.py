@@ -40,6 +40,7 @@ class DirectionTerm(StateItem):
     def step_dropped(self) -> None:
         pass
 
+    # (a part's own state: CGGM declares the term with add_state and the base saves it through this)
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -161,6 +162,7 @@ class WeightCosine(DirectionTerm):
     def step_dropped(self) -> None:
         self._staged = None
 
+    # (a part's own state: CGGM declares the term with add_state and the base saves it through this)
     def state_dict(self):
         return {"stale": self.stale}
 

@@ -80,6 +80,7 @@ class ImprovementRule:
         self.accept(state)
         return B
 
+    # (a part's own state: CGGM declares the rule with add_state and the base saves it through this)
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -123,6 +124,7 @@ class PaperRule(ImprovementRule):
             B = self.rho * (total - delta) / (total + self.denominator_eps)
         return B, {"previous": eps.clone()}
 
+    # (a part's own state: CGGM declares the rule with add_state and the base saves it through this)
     def state_dict(self):
         return {"previous": self.previous}
 
@@ -164,6 +166,7 @@ class RobustRule(ImprovementRule):
         B = self.rho * (total - delta + self.tau * (m - 1) / m) / (total + self.tau)
         return B, {"ema": ema, "history": history, "steps": steps}
 
+    # (a part's own state: CGGM declares the rule with add_state and the base saves it through this)
     def state_dict(self):
         return {"ema": self.ema, "history": self.history, "steps": self.steps}
 
@@ -208,6 +211,7 @@ class UnderuseRule(ImprovementRule):
         B = self.rho * (m - 1) * torch.softmax(-(level - level.mean()) / self.temperature, dim=0)
         return B, {"ema": ema, "steps": steps}
 
+    # (a part's own state: CGGM declares the rule with add_state and the base saves it through this)
     def state_dict(self):
         return {"ema": self.ema, "steps": self.steps}
 
