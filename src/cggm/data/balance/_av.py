@@ -23,7 +23,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -47,7 +46,6 @@ from ..paper._common import (
     check_finite,
     files_signature,
     load_pickle,
-    no_space_error,
     open_cached_array,
     reserve_arrays,
     settings_hash,
@@ -459,12 +457,7 @@ def build_cache(out: Path, splits: Mapping[str, list[Clip]], spec: SpectrogramSp
             (tmp / f"{split}_clips.json").write_text(json.dumps([c.name for c in clips]))
         (tmp / "meta.json").write_text(json.dumps({**meta, "format": CACHE_FORMAT}, indent=1, default=str))
 
-    try:
-        build_atomically(out, decode, "meta.json", log)
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT) and "not enough disk space" not in str(err):
-            raise no_space_error(out, need[0], err) from err  # a small file's write ran out of space
-        raise
+    build_atomically(out, decode, "meta.json", log, need=lambda: need[0])
     return out
 
 

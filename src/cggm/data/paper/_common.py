@@ -164,13 +164,23 @@ def build_lock(out: Path, log: Callable[[str], None] | None = None) -> Iterator[
 
 
 def build_atomically(out: Path, build: Callable[[Path], None], complete: str = "meta.json",
-                     log: Callable[[str], None] | None = None) -> bool:
+                     log: Callable[[str], None] | None = None, need: Callable[[], int] | None = None) -> bool:
     """Build a cache folder ``out`` safely under concurrency: ``build(tmp)`` writes into a folder
     unique to this call (``<out>.partial-XXXX``), which is renamed to ``out`` (atomic) once
     complete (``complete`` is the file written last). Builders take :func:`build_lock`, so a
     process that finds the cache being built waits and then uses it; without locks, the first
     complete copy wins and the others are dropped. On any error the temporary folder is removed:
-    no half-written cache is left. Returns True if this call built the cache."""
+    no half-written cache is left; a full disk (``need()``: the bytes the cache needs) is the OSError
+    of :func:`no_space_error`. Returns True if this call built the cache."""
+    try:
+        return _build_atomically(out, build, complete, log)
+    except OSError as err:
+        if need is not None and err.errno in (errno.ENOSPC, errno.EDQUOT) and "not enough disk space" not in str(err):
+            raise no_space_error(out, need(), err) from err  # a small file's write ran out of space
+        raise
+
+
+def _build_atomically(out: Path, build: Callable[[Path], None], complete: str, log) -> bool:
     out.parent.mkdir(parents=True, exist_ok=True)
     with build_lock(out, log) as locked:
         if (out / complete).is_file():

@@ -49,7 +49,6 @@ cached features of a frozen backbone; the official code does not apply it either
 from __future__ import annotations
 
 import csv
-import errno
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +68,6 @@ from ._common import (
     check_finite,
     existing_dir,
     files_signature,
-    no_space_error,
     open_cached_array,
     reserve_arrays,
     settings_hash,
@@ -251,12 +249,7 @@ def extract_features(path: str | Path, vit: str | Path, bert: str | Path, out_di
                              "std": encoders.std.tolist(), "dtype": dtype}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
-    try:
-        build_atomically(out, extract, "meta.json", log)
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT) and "not enough disk space" not in str(err):
-            raise no_space_error(out, need[0], err) from err  # a small file's write ran out of space
-        raise
+    build_atomically(out, extract, "meta.json", log, need=lambda: need[0])
     return out
 
 
