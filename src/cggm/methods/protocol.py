@@ -121,8 +121,9 @@ class StepProtocol:
                 f"backward pass did not go through it: call method.backward(loss) instead of loss.backward().")
         self._check_feature_hooks()
         self._check_loop(optimizer)
-        if isinstance(optimizer, torch.optim.Optimizer) and self.optimizer is None:
-            self.set_optimizer(optimizer)
+        inner = _innermost(optimizer) if isinstance(optimizer, torch.optim.Optimizer) else None
+        if inner is not None and inner is not self.optimizer:
+            self.set_optimizer(inner)  # (the optimizer actually stepped; CGGM checks its choice of where B acts)
         self._step_scaler = scaler
         taken = bool(self.wrap_optimizer_step(_step_function(optimizer, scaler)))
         if taken:
