@@ -163,14 +163,18 @@ def docstring_markdown(doc: str) -> str:
 
 def refusals(cls: type) -> list[str]:
     """The messages of the ``UnsupportedSettingError`` and ``ProtocolError`` raised in the class's own
-    module (the base's and CGGM's shared ones are on the troubleshooting page), values as ``{expr}``."""
+    module, or its package's modules for a method that is a package (CGGM's parts); the base's are on
+    the troubleshooting page. Values as ``{expr}``."""
     import ast
 
     path = Path(inspect.getsourcefile(cls))
     if path.name in ("base.py", "protocol.py", "binding.py"):
         return []
+    paths = sorted(path.parent.glob("*.py")) if (path.parent / "__init__.py").exists() and path.parent.name != "methods" \
+        else [path]
+    nodes = [n for p in [path, *[q for q in paths if q != path]] for n in ast.walk(ast.parse(p.read_text()))]
     out = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in nodes:
         if (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args
                 and getattr(node.exc.func, "id", None) in ("UnsupportedSettingError", "ProtocolError")):
             out.append((node.exc.func.id, _message(node.exc.args[0])))

@@ -27,7 +27,6 @@ at evaluation ``clf/<modality>``.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,7 +44,7 @@ from ..registry import register_method
 from ..state import AuxModules
 from . import parts
 from .direction import DIRECTIONS, DirectionTerm
-from .rules import ImprovementRule, build_rule
+from .rules import ImprovementRule, rule_with_rho
 
 
 @register_method("cggm")
@@ -97,7 +96,7 @@ class CGGM(Method):
             raise ValueError(f"classifier_weight_decay must be >= 0, got {classifier_weight_decay}.")
         self.lam, self.magnitude, self.scale_on = float(lam), bool(magnitude), scale_on
         self.epsilon = parts.Epsilon(metric)
-        self.add_state("rule", _rule(rule, rho, rule_options))
+        self.add_state("rule", rule_with_rho(rule, rho, rule_options))
         if isinstance(direction, str) and direction not in (*DIRECTIONS, "off"):
             raise ValueError(f"CGGM direction must be 'gradient', 'weight' or 'off', got {direction!r}.")
         term = direction if isinstance(direction, DirectionTerm) else DIRECTIONS.get(direction, lambda: None)()
@@ -111,12 +110,8 @@ class CGGM(Method):
         self._clf_loss: Tensor | None = None  # the classifiers' loss, a root of this micro-batch's backward
         self._eval_metric: parts.ClassifierMetric | None = None
         self._where: str | None = None  # where this step's B acts, chosen at its first loss
-        if self.magnitude and scale_on == "update" and not self.rule.bounded:
-            raise ValueError(
-                f"CGGM rule {self.rule.name!r} gives unbounded B (|B| reaches 1e7 when the improvements cancel), and "
-                f"scale_on='update' applies B to the optimizer's update after gradient clipping, which then moves a "
-                f"weight by up to |B| x lr. The paper's Eq. 8 scales gradients: use scale_on='gradient' (or "
-                f"'auto'), or a bounded rule (rule='robust').")
+        if self.magnitude:
+            parts.check_where(scale_on, self.rule)
 
     @property
     def classifiers(self) -> nn.ModuleList | None:
@@ -176,13 +171,8 @@ class CGGM(Method):
 
     def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         super().set_optimizer(optimizer)
-        if self.magnitude and self.scale_on == "update" and isinstance(optimizer, torch.optim.SGD):
-            g = optimizer.param_groups[0]
-            if g.get("momentum", 0) or g.get("weight_decay", 0):
-                warnings.warn(
-                    "CGGM(scale_on='update') with SGD scales the whole update, momentum buffer and weight decay "
-                    "included, which is not Eq. 8 (only the gradient is scaled there); scale_on='gradient' or "
-                    "'auto' scales the gradient only.", stacklevel=2)
+        if self.magnitude and self.scale_on == "update":
+            parts.warn_update_scaling_of_sgd(optimizer)
 
     def where_B_acts(self) -> str:
         """``"gradient"`` or ``"update"``: ``scale_on`` with ``"auto"`` resolved from the optimizer."""
@@ -200,17 +190,7 @@ class CGGM(Method):
         return build_classifier(h, head_layer_hidden(self.head_layer), self.task.num_outputs, self.classifier_layers)
 
     def _check_classifiers(self, classifiers: nn.ModuleList) -> None:
-        """One per modality, and Eq. 12 compares the head's last-layer gradient with each one's: same shapes."""
-        if len(classifiers) != len(self.modalities):
-            raise ValueError(f"CGGM got {len(classifiers)} classifiers for {len(self.modalities)} modalities.")
-        want = tuple(self.head_layer.weight.shape)
-        for m, clf in zip(self.modalities, classifiers):
-            if tuple(clf.last.weight.shape) != want:
-                raise UnsupportedSettingError(
-                    f"CGGM compares the fused head's last layer (weight {want}) with each classifier's last layer, "
-                    f"but the classifier of {m!r} has {tuple(clf.last.weight.shape)}. The default classifiers end in "
-                    f"a Linear or a 1x1 Conv2d: give the head such a last layer, or pass classifiers=... whose `last` "
-                    f"matches it.")
+        parts.check_classifiers(classifiers, self.head_layer, self.modalities)
 
     # -- the step -------------------------------------------------------------------------------
     def _classify(self, out: ModelOutput, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -302,16 +282,3 @@ class CGGM(Method):
             self._eval_metric = parts.ClassifierMetric(self)
         return {"clf": self._eval_metric}
 
-
-def _rule(rule: str | ImprovementRule, rho: float | None, options: Mapping[str, Any] | None) -> ImprovementRule:
-    """The rule, with ``rho`` stored on it only."""
-    if isinstance(rule, ImprovementRule):
-        if options:
-            raise ValueError("rule_options apply to a rule given by name; configure the ImprovementRule object instead.")
-        if rho is not None and float(rho) != rule.rho:
-            raise ValueError(f"CGGM got rho={rho} and a rule with rho={rule.rho}: rho lives on the rule; give it there.")
-        return rule
-    rho = 1.3 if rho is None else rho
-    if not (rho > 0 and rho < float("inf")):
-        raise ValueError(f"CGGM rho must be a finite number > 0, got {rho}.")
-    return build_rule(rule, float(rho), **dict(options or {}))

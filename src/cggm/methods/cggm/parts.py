@@ -15,6 +15,8 @@ evaluation metric.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -75,6 +77,42 @@ def where_B_acts(scale_on: str, rule, optimizer) -> str:
     raise ValueError(
         f"CGGM(scale_on='auto') does not know whether {type(optimizer).__name__} normalises the gradient's "
         f"scale: choose scale_on='gradient' (plain gradient methods) or 'update' (adaptive methods).")
+
+
+def check_where(scale_on: str, rule) -> None:
+    """Refuse B on updates with an unbounded rule (B acts after clipping there)."""
+    if scale_on == "update" and not rule.bounded:
+        raise ValueError(
+            f"CGGM rule {rule.name!r} gives unbounded B (|B| reaches 1e7 when the improvements cancel), and "
+            f"scale_on='update' applies B to the optimizer's update after gradient clipping, which then moves a "
+            f"weight by up to |B| x lr. The paper's Eq. 8 scales gradients: use scale_on='gradient' (or "
+            f"'auto'), or a bounded rule (rule='robust').")
+
+
+def warn_update_scaling_of_sgd(optimizer) -> None:
+    """B on updates with SGD scales momentum and weight decay too, which Eq. 8 does not."""
+    if isinstance(optimizer, torch.optim.SGD):
+        g = optimizer.param_groups[0]
+        if g.get("momentum", 0) or g.get("weight_decay", 0):
+            warnings.warn(
+                "CGGM(scale_on='update') with SGD scales the whole update, momentum buffer and weight decay "
+                "included, which is not Eq. 8 (only the gradient is scaled there); scale_on='gradient' or "
+                "'auto' scales the gradient only.", stacklevel=3)
+
+
+def check_classifiers(classifiers, head_layer, modalities) -> None:
+    """One classifier per modality, and Eq. 12 compares the head's last-layer gradient with each one's:
+    the same shapes."""
+    if len(classifiers) != len(modalities):
+        raise ValueError(f"CGGM got {len(classifiers)} classifiers for {len(modalities)} modalities.")
+    want = tuple(head_layer.weight.shape)
+    for m, clf in zip(modalities, classifiers):
+        if tuple(clf.last.weight.shape) != want:
+            raise UnsupportedSettingError(
+                f"CGGM compares the fused head's last layer (weight {want}) with each classifier's last layer, "
+                f"but the classifier of {m!r} has {tuple(clf.last.weight.shape)}. The default classifiers end in "
+                f"a Linear or a 1x1 Conv2d: give the head such a last layer, or pass classifiers=... whose `last` "
+                f"matches it.")
 
 
 def scale_updates(groups: list[list[torch.nn.Parameter]], B: Tensor, take_step) -> bool:

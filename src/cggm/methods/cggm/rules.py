@@ -44,6 +44,7 @@ when CGGM accepts the proposal, i.e. when the optimizer step is taken.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -237,3 +238,17 @@ def build_rule(name: str, rho: float, **kwargs: Any) -> ImprovementRule:
         return RULES[name](rho, **kwargs)
     except TypeError as err:
         raise TypeError(f"Bad options for the {name!r} rule: {err}") from err
+
+
+def rule_with_rho(rule: str | ImprovementRule, rho: float | None, options: Mapping[str, Any] | None) -> ImprovementRule:
+    """The rule, with ``rho`` stored on it only."""
+    if isinstance(rule, ImprovementRule):
+        if options:
+            raise ValueError("rule_options apply to a rule given by name; configure the ImprovementRule object instead.")
+        if rho is not None and float(rho) != rule.rho:
+            raise ValueError(f"CGGM got rho={rho} and a rule with rho={rule.rho}: rho lives on the rule; give it there.")
+        return rule
+    rho = 1.3 if rho is None else rho
+    if not (rho > 0 and rho < float("inf")):
+        raise ValueError(f"CGGM rho must be a finite number > 0, got {rho}.")
+    return build_rule(rule, float(rho), **dict(options or {}))
