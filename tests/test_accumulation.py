@@ -9,21 +9,9 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from _twomodal import TASK, TwoModal
 
-from cggm import CGGM, ModelOutput, ProtocolError, Task
-
-TASK = Task("classification", num_outputs=4)
-
-
-class TwoModal(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.audio, self.video, self.fc = nn.Linear(10, 16), nn.Linear(12, 16), nn.Linear(32, 4)
-
-    def forward(self, a, v):
-        h = [torch.relu(self.audio(a)), torch.relu(self.video(v))]
-        return self.fc(torch.cat(h, dim=1)), h
+from cggm import CGGM, ModelOutput, ProtocolError
 
 
 def _setup(scale_on):

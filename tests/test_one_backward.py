@@ -9,22 +9,10 @@ import copy
 
 import pytest
 import torch
+from _twomodal import TASK, TwoModal
 from torch import nn
 
 from cggm import CGGM, ModelOutput, ProtocolError, Task
-
-TASK = Task("classification", 4)
-
-
-class TwoModal(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.audio, self.video = nn.Linear(10, 16), nn.Linear(12, 16)
-        self.fc = nn.Linear(32, 4)
-
-    def forward(self, a, v):
-        h = [torch.relu(self.audio(a)), torch.relu(self.video(v))]
-        return self.fc(torch.cat(h, dim=1)), h
 
 
 def data(n, seed):
